@@ -14,6 +14,8 @@ the same prompts.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -119,7 +121,9 @@ def load_prompts(spec: str | os.PathLike[str] | Sequence[str] | PromptSet) -> Pr
         )
     if isinstance(spec, Sequence):
         return PromptSet(list(spec))
-    raise TypeError(f"prompts must be a name, a path, a list of strings or a PromptSet, got {type(spec).__name__}")
+    raise TypeError(
+        f"prompts must be a name, a path, a list of strings or a PromptSet, got {type(spec).__name__}"
+    )
 
 
 def _read_data_lines(filename: str) -> list[str]:
@@ -131,7 +135,7 @@ def _with_article(noun: str) -> str:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
-# Data files from the authors' implementation (kvablack/ddpo-pytorch, MIT licence); see data/prompts/README.md.
+# Data files from the authors' implementation (kvablack/ddpo-pytorch, MIT licence): data/prompts/README.md.
 @register_prompt_set("imagenet_animals")
 def imagenet_animals() -> PromptSet:
     """The 398 animal classes of ImageNet (the first 398 classes), first synonym only: the paper's
@@ -159,7 +163,5 @@ def animals_activities() -> PromptSet:
 
 def _import_builtin_sets() -> None:
     """Import modules that register more sets (tiny-shapes registers shapes_* sets)."""
-    try:
-        from diffusion_mdp.shapes import prompts as _shapes_prompts  # noqa: F401
-    except ImportError:
-        pass
+    if importlib.util.find_spec("diffusion_mdp.shapes") is not None:
+        importlib.import_module("diffusion_mdp.shapes.prompts")

@@ -23,6 +23,8 @@ several) into one such callable.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -92,7 +94,9 @@ def make_reward(spec: str | RewardFn | Mapping[str, float], **kwargs: Any) -> Re
         return WeightedSum({name: (make_reward(name, **kwargs), float(w)) for name, w in spec.items()})
     if callable(spec):
         return spec
-    raise TypeError(f"reward must be a name, a callable or a {{name: weight}} dict, got {type(spec).__name__}")
+    raise TypeError(
+        f"reward must be a name, a callable or a {{name: weight}} dict, got {type(spec).__name__}"
+    )
 
 
 class WeightedSum:
@@ -119,10 +123,8 @@ def _import_builtin_rewards() -> None:
     """Import the modules whose ``@register_reward`` decorators fill the registry."""
     from diffusion_mdp.rewards import jpeg  # noqa: F401
 
-    try:  # the tiny-shapes rewards need the bundled captioner (issue 3)
-        from diffusion_mdp.rewards import shapes  # noqa: F401
-    except ImportError:
-        pass
+    if importlib.util.find_spec("diffusion_mdp.rewards.shapes") is not None:  # tiny-shapes captioner rewards
+        importlib.import_module("diffusion_mdp.rewards.shapes")
 
 
 __all__ = ["RewardFn", "WeightedSum", "available_rewards", "make_reward", "register_reward"]

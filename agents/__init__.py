@@ -1,0 +1,1 @@
+"""RL algorithms for the denoising MDP (installed as ``diffusion_mdp.agents``)."""

@@ -1,0 +1,287 @@
+"""The policy's Gaussian: one stochastic DDIM step, with the log-probability of its action.
+
+In the denoising MDP (DDPO, section 4.1) the action at state s_t = (c, t, x_t) is the next latent
+a_t = x_{t-1}, drawn from
+
+    π_θ(x_{t-1} | x_t, c) = N( μ_θ(x_t, t, c), σ_t² I )
+
+where μ_θ and σ_t are those of a DDIM step with η > 0 (Song et al. 2021, eq. 12 and 16). This module
+computes that step for a batch whose samples may sit at *different* timesteps, following diffusers'
+``DDIMScheduler.step`` line for line (its mean equals ``step(..., variance_noise=0)``; the tests check this
+for all three prediction types).
+
+Names in code -> symbols in the DDIM paper:
+
+- ``alpha_prod_t``            -> α_t (cumulative product, ᾱ_t in DDPM notation)
+- ``alpha_prod_t_prev``       -> α_{t-1}, the cumulative product at the *previous* timestep of the schedule
+- ``beta_prod_t``             -> 1 - α_t
+- ``pred_original_sample``    -> f_θ(x_t, t), the predicted x_0
+- ``pred_epsilon``            -> ε_θ(x_t, t)
+- ``std_dev_t``               -> σ_t(η) = η √((1 - α_{t-1}) / (1 - α_t)) √(1 - α_t / α_{t-1})
+- ``pred_sample_direction``   -> √(1 - α_{t-1} - σ_t²) ε_θ, "direction pointing to x_t"
+- ``mean``                    -> √α_{t-1} f_θ + direction, the Gaussian mean μ_θ
+- ``prev_sample``             -> x_{t-1} = μ_θ + σ_t z, z ~ N(0, I)
+
+**The final step's α_{t-1}.** At the last step there is no previous timestep (t - Δ < 0). diffusers uses
+``scheduler.final_alpha_cumprod``: 1.0 when ``set_alpha_to_one=True``, else α_0. The authors' DDPO code clamps
+the previous timestep to 0, i.e. always uses α_0. We follow diffusers (so that our mean *is* the scheduler's
+step); for Stable Diffusion's configs (``set_alpha_to_one=False``) and for the bundled tiny-shapes model
+the two agree. With ``set_alpha_to_one=True`` the last step would have σ = 0 — a deterministic action with no
+log-probability — so :class:`DDIMSchedule` refuses that combination with η > 0 and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+LogProbReduction = Literal["mean", "sum"]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class DDIMSchedule:
+    """The fixed constants of the denoising MDP: which timesteps are visited, and the noise schedule.
+
+    Attributes:
+        alphas_cumprod: ``(num_train_timesteps,)`` float64, α_t for every training timestep.
+        final_alpha_cumprod: α used as α_{t-1} at the final step (see the module docstring).
+        timesteps: ``(num_steps,)`` int64, the visited timesteps in decreasing order (t_T, ..., t_1).
+        num_train_timesteps: Length of the training schedule (1000 for Stable Diffusion).
+        eta: η of DDIM; η > 0 makes the policy stochastic (η = 1 is DDPM-like, the paper's setting).
+        prediction_type: What the UNet predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        clip_sample_range: If set, the predicted x_0 is clamped to ± this (diffusers' ``clip_sample``).
+    """
+
+    alphas_cumprod: Tensor
+    final_alpha_cumprod: float
+    timesteps: Tensor
+    num_train_timesteps: int
+    eta: float = 1.0
+    prediction_type: PredictionType = "epsilon"
+    clip_sample_range: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}"
+            )
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.eta > 0 and self.final_alpha_cumprod >= 1.0:
+            raise ValueError(
+                "the scheduler has set_alpha_to_one=True, which makes the last DDIM step deterministic "
+                "(σ = 0), so its action has no log-probability. Load the scheduler with "
+                "DDIMScheduler.from_config(config, set_alpha_to_one=False) (Stable Diffusion's own setting)."
+            )
+
+    @classmethod
+    def from_scheduler(cls, scheduler: object, num_steps: int, eta: float = 1.0) -> DDIMSchedule:
+        """Build the schedule of a diffusers DDIM scheduler for ``num_steps`` denoising steps.
+
+        Args:
+            scheduler: A ``diffusers.DDIMScheduler`` (its config decides spacing, prediction type, clipping).
+            num_steps: Number of denoising steps T of the MDP (the episode length).
+            eta: DDIM η.
+        """
+        from diffusers import DDIMScheduler
+
+        if not isinstance(scheduler, DDIMScheduler):
+            scheduler = DDIMScheduler.from_config(scheduler.config)  # type: ignore[attr-defined]
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        if num_steps > scheduler.config.num_train_timesteps:
+            raise ValueError(
+                f"num_steps={num_steps} exceeds the model's {scheduler.config.num_train_timesteps} "
+                "training timesteps"
+            )
+        if scheduler.config.thresholding:
+            raise ValueError("dynamic thresholding is not supported by the stochastic DDIM policy")
+        scheduler.set_timesteps(num_steps)
+        return cls(
+            alphas_cumprod=scheduler.alphas_cumprod.to(torch.float64).clone(),
+            final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+            timesteps=scheduler.timesteps.to(torch.int64).clone(),
+            num_train_timesteps=int(scheduler.config.num_train_timesteps),
+            eta=float(eta),
+            prediction_type=scheduler.config.prediction_type,
+            clip_sample_range=float(scheduler.config.clip_sample_range)
+            if scheduler.config.clip_sample
+            else None,
+        )
+
+    @property
+    def num_steps(self) -> int:
+        """Number of denoising steps (episode length)."""
+        return len(self.timesteps)
+
+    @property
+    def step_size(self) -> int:
+        """Δ = num_train_timesteps // num_steps, the gap between consecutive timesteps (as in diffusers)."""
+        return self.num_train_timesteps // self.num_steps
+
+    def prev_timestep(self, timestep: Tensor) -> Tensor:
+        """t - Δ for each entry (negative at the final step)."""
+        return timestep - self.step_size
+
+    def alphas_at(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
+        """(α_t, α_{t-1}) for a batch of timesteps ``(B,)``, as float64 ``(B,)`` on the timesteps' device."""
+        alphas = self.alphas_cumprod.to(timestep.device)
+        prev = self.prev_timestep(timestep)
+        alpha_prod_t = alphas[timestep]
+        final = torch.full_like(alpha_prod_t, self.final_alpha_cumprod)
+        alpha_prod_t_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)
+        return alpha_prod_t, alpha_prod_t_prev
+
+
+@dataclass
+class DDIMStepOutput:
+    """Result of :func:`ddim_step_with_logprob`. All tensors have the batch first.
+
+    Attributes:
+        prev_sample: ``(B, C, H, W)`` the action x_{t-1} (sampled, or the one that was scored).
+        log_prob: ``(B,)`` log π(x_{t-1} | x_t, c), reduced over latent dimensions (see ``reduction``);
+            None when η = 0 (a deterministic step has no density).
+        mean: ``(B, C, H, W)`` μ_θ.
+        std: ``(B, 1, 1, 1)`` σ_t (broadcastable to the latent).
+        pred_original_sample: ``(B, C, H, W)`` the predicted x_0.
+    """
+
+    prev_sample: Tensor
+    log_prob: Tensor | None
+    mean: Tensor
+    std: Tensor
+    pred_original_sample: Tensor
+
+
+def _expand(values: Tensor, like: Tensor) -> Tensor:
+    """(B,) float64 -> (B, 1, ..., 1) in ``like``'s dtype, broadcastable against ``like``."""
+    return values.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduction: LogProbReduction = "mean") -> Tensor:
+    """log N(x; mean, std² I), reduced over all but the batch dimension.
+
+    Args:
+        x: ``(B, ...)`` points to score.
+        mean: ``(B, ...)``.
+        std: broadcastable to ``x``, strictly positive.
+        reduction: ``"mean"`` (default) or ``"sum"`` over the non-batch dimensions.
+
+    Returns:
+        ``(B,)``.
+    """
+    # log N = -(x - μ)² / (2σ²) - log σ - log √(2π), elementwise, then reduced.
+    per_dim = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    dims = tuple(range(1, x.ndim))
+    # The DDPO convention is the MEAN over latent dimensions: the per-step log-prob of a 4x64x64 latent is
+    # then O(1) instead of O(16k), and a PPO clip range of 1e-4 on exp(Δ log π) is meaningful. The SUM is
+    # the true log-density of the action (use it when comparing to other likelihoods); it is
+    # num_latent_dims times the mean, so ratios become exp(num_dims * Δ) and need a much wider clip range.
+    if reduction == "mean":
+        return per_dim.mean(dim=dims)
+    if reduction == "sum":
+        return per_dim.sum(dim=dims)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def ddim_step_with_logprob(
+    schedule: DDIMSchedule,
+    model_output: Tensor,
+    timestep: Tensor,
+    sample: Tensor,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    reduction: LogProbReduction = "mean",
+) -> DDIMStepOutput:
+    """One stochastic DDIM step for a batch with per-sample timesteps, and the log-prob of its result.
+
+    Args:
+        schedule: The MDP's DDIM constants.
+        model_output: ``(B, C, H, W)`` the (guided) UNet output at (x_t, t, c).
+        timestep: ``(B,)`` int64, each sample's current timestep t (values from ``schedule.timesteps``).
+        sample: ``(B, C, H, W)`` x_t.
+        prev_sample: ``(B, C, H, W)`` an action x_{t-1} to score. If None, one is sampled.
+        generator: RNG for sampling (ignored when ``prev_sample`` or ``noise`` is given).
+        noise: ``(B, C, H, W)`` standard normal noise z to use for sampling instead of ``generator``.
+        reduction: ``"mean"`` or ``"sum"`` of the per-dimension log-density (see :func:`gaussian_log_prob`).
+
+    Returns:
+        A :class:`DDIMStepOutput`.
+
+    >>> from diffusers import DDIMScheduler
+    >>> schedule = DDIMSchedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False), num_steps=10)
+    >>> x_t = torch.randn(2, 4, 8, 8)
+    >>> out = ddim_step_with_logprob(schedule, torch.randn(2, 4, 8, 8), schedule.timesteps[[0, 9]], x_t)
+    >>> out.prev_sample.shape, out.log_prob.shape
+    (torch.Size([2, 4, 8, 8]), torch.Size([2]))
+    """
+    if timestep.ndim != 1 or timestep.shape[0] != sample.shape[0]:
+        raise ValueError(f"timestep must have shape (B,) = ({sample.shape[0]},), got {tuple(timestep.shape)}")
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output {tuple(model_output.shape)} and sample {tuple(sample.shape)} differ")
+    timestep = timestep.to(device=sample.device, dtype=torch.int64)
+
+    # 1. α_t and α_{t-1} for each sample (α_{t-1} = final_alpha_cumprod at the last step).
+    alpha_prod_t, alpha_prod_t_prev = schedule.alphas_at(timestep)
+    beta_prod_t = 1 - alpha_prod_t
+
+    # 2. Variance σ_t² (DDIM eq. 16), computed in float64 from the schedule, then cast to the latent dtype.
+    variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = schedule.eta * variance.sqrt()
+
+    alpha_prod_t, alpha_prod_t_prev, beta_prod_t = (
+        _expand(alpha_prod_t, sample),
+        _expand(alpha_prod_t_prev, sample),
+        _expand(beta_prod_t, sample),
+    )
+    std = _expand(std_dev_t, sample)
+
+    # 3. Predicted x_0 and ε from the model output.
+    if schedule.prediction_type == "epsilon":
+        pred_original_sample = (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
+        pred_epsilon = model_output
+    elif schedule.prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - alpha_prod_t.sqrt() * pred_original_sample) / beta_prod_t.sqrt()
+    else:  # v_prediction
+        pred_original_sample = alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
+        pred_epsilon = alpha_prod_t.sqrt() * model_output + beta_prod_t.sqrt() * sample
+
+    # 4. Optional clipping of x_0 (diffusers' clip_sample; off for Stable Diffusion). As in diffusers with
+    #    use_clipped_model_output=False, ε is *not* re-derived from the clipped x_0.
+    if schedule.clip_sample_range is not None:
+        pred_original_sample = pred_original_sample.clamp(
+            -schedule.clip_sample_range, schedule.clip_sample_range
+        )
+
+    # 5. Mean μ_θ = √α_{t-1} x̂_0 + √(1 - α_{t-1} - σ_t²) ε̂   (DDIM eq. 12 without the noise term).
+    pred_sample_direction = (1 - alpha_prod_t_prev - std**2).sqrt() * pred_epsilon
+    mean = alpha_prod_t_prev.sqrt() * pred_original_sample + pred_sample_direction
+
+    # 6. Sample x_{t-1} = μ + σ z unless an action was given to score.
+    scoring = prev_sample is not None
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev_sample = mean + std * noise
+    elif prev_sample.shape != sample.shape:
+        raise ValueError(
+            f"prev_sample {tuple(prev_sample.shape)} must have the shape of x_t {tuple(sample.shape)}"
+        )
+
+    # 7. log π(x_{t-1} | x_t, c): gradients flow through the mean only (σ_t is a constant of the schedule).
+    #    With η = 0 (deterministic DDIM, used for evaluation) there is no density: log_prob is None.
+    if schedule.eta == 0:
+        if scoring:
+            raise ValueError("η = 0 makes the step deterministic: an action has no log-probability to score")
+        return DDIMStepOutput(prev_sample, None, mean, std, pred_original_sample)
+    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+    return DDIMStepOutput(prev_sample, log_prob, mean, std, pred_original_sample)

@@ -1,0 +1,156 @@
+"""Loading a text-to-image diffusion model's components (UNet, VAE, text encoder, tokenizer, scheduler).
+
+The environment needs the VAE (to decode x_0 for the reward) and the scheduler (the MDP's schedule); the
+policy needs the UNet and the text encoder. :func:`load_components` loads all of them once from
+
+- ``"tiny-shapes"`` (or ``None``): the bundled tiny text-to-image model, shipped inside the package;
+- a local folder laid out as a diffusers Stable Diffusion pipeline (``model_index.json``, ``unet/``, ...);
+- a Hugging Face hub id (``"CompVis/stable-diffusion-v1-4"``), from the local cache first, then the hub.
+
+Nothing is downloaded silently when offline: a missing model raises :class:`ModelNotAvailableError` with
+the model id and how to make it available.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUNDLED_MODEL = "tiny-shapes"
+PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelNotAvailableError(OSError):
+    """A model could not be found locally and could not be downloaded."""
+
+
+@dataclass
+class DiffusionComponents:
+    """The pieces of a Stable Diffusion pipeline that the MDP and the policy use.
+
+    Attributes:
+        unet: ``UNet2DConditionModel``, the policy's network.
+        vae: ``AutoencoderKL``; latents are ``vae.config.scaling_factor`` times its encodings.
+        text_encoder: ``CLIPTextModel`` (frozen).
+        tokenizer: ``CLIPTokenizer``.
+        scheduler: ``DDIMScheduler`` built from the pipeline's scheduler config.
+        source: Where the model came from (name, folder or hub id), for logs and checkpoints.
+        default_prompts: Name of the prompt set the model is meant for (``None``: the paper's animals).
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    source: str
+    default_prompts: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of a latent x_t."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(self.unet.config.in_channels), int(height), int(width))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of a decoded image."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        _, height, width = self.latent_shape
+        return (height * factor, width * factor)
+
+    def to(self, device: torch.device | str) -> DiffusionComponents:
+        """Move every module to ``device`` (in place) and return self."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+
+def bundled_model_path() -> Path:
+    """Folder of the bundled tiny-shapes pipeline inside the installed package."""
+    return Path(str(resources.files("diffusion_mdp").joinpath("data", BUNDLED_MODEL)))
+
+
+def resolve_model(model: str | os.PathLike[str] | None) -> tuple[str | Path, bool]:
+    """Map what the user passed to ``(local folder or hub id, is_local)``."""
+    if model is None or model == BUNDLED_MODEL:
+        path = bundled_model_path()
+        if not (path / "model_index.json").is_file():
+            raise ModelNotAvailableError(
+                f"the bundled model {BUNDLED_MODEL!r} is missing from {path}; reinstall diffusion-mdp "
+                "(`pip install -e .` from the repository) or pass model=<folder or hub id>"
+            )
+        return path, True
+    path = Path(os.fspath(model)).expanduser()
+    if path.exists() or os.fspath(model).startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder {path} does not exist")
+        missing = [name for name in ("model_index.json", *PIPELINE_SUBFOLDERS) if not (path / name).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} is not a diffusers Stable Diffusion pipeline folder: missing {', '.join(missing)}. "
+                "Save one with `StableDiffusionPipeline.save_pretrained(folder)`."
+            )
+        return path, True
+    return os.fspath(model), False
+
+
+def load_components(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    torch_dtype: torch.dtype = torch.float32,
+) -> DiffusionComponents:
+    """Load a Stable Diffusion pipeline's components. Each call returns fresh modules.
+
+    Args:
+        model: ``"tiny-shapes"``/None (bundled), a pipeline folder, or a hub id.
+        device: Where to put the modules.
+        torch_dtype: Dtype of the weights (keep float32 for training; see the agent's mixed precision).
+
+    Raises:
+        ModelNotAvailableError: A hub id that is neither cached nor downloadable.
+        FileNotFoundError: A folder that does not exist or lacks pipeline files.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    location, is_local = resolve_model(model)
+
+    def load(cls: Any, subfolder: str, **kwargs: Any) -> Any:
+        attempts = [True] if is_local else [True, False]  # cache first, then the hub
+        error: Exception | None = None
+        for local_only in attempts:
+            try:
+                return cls.from_pretrained(
+                    os.fspath(location), subfolder=subfolder, local_files_only=local_only, **kwargs
+                )
+            except (OSError, ValueError) as exc:  # diffusers/transformers raise these for missing files
+                error = exc
+        if is_local:
+            raise FileNotFoundError(f"could not load {subfolder}/ from {location}: {error}") from error
+        raise ModelNotAvailableError(
+            f"could not load {subfolder}/ of model {location!r}: it is not in the local Hugging Face cache "
+            f"and the hub is unreachable ({type(error).__name__}). On a machine with access run "
+            f"`huggingface-cli download {location}` and copy the cache (~/.cache/huggingface), or "
+            "pass model=<local folder saved with StableDiffusionPipeline.save_pretrained>."
+        ) from error
+
+    dtype_kw = {"torch_dtype": torch_dtype}
+    unet = load(UNet2DConditionModel, "unet", **dtype_kw)
+    vae = load(AutoencoderKL, "vae", **dtype_kw)
+    text_encoder = load(CLIPTextModel, "text_encoder", dtype=torch_dtype)
+    tokenizer = load(CLIPTokenizer, "tokenizer")
+    scheduler = load(DDIMScheduler, "scheduler")
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    source = BUNDLED_MODEL if model is None or model == BUNDLED_MODEL else os.fspath(model)
+    default_prompts = "shapes_train" if source == BUNDLED_MODEL else None
+    return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler, source, default_prompts).to(device)
