@@ -14,6 +14,7 @@ merges have the lowest priority, so earlier words are never broken.
 
 from __future__ import annotations
 
+import itertools
 import json
 import string
 import tempfile
@@ -30,7 +31,9 @@ END_OF_WORD = "</w>"
 def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Run byte-pair encoding on one word's pieces with the given merge ranks (lower merges first)."""
     while len(pieces) > 1:
-        pairs = [(ranks.get((a, b), None), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))]
+        pairs = [
+            (ranks.get((a, b)), i) for i, (a, b) in enumerate(itertools.pairwise(pieces))
+        ]
         ranked = [(rank, i) for rank, i in pairs if rank is not None]
         if not ranked:
             break
