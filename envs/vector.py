@@ -75,7 +75,9 @@ class DenoisingVectorEnv(VectorEnv):
             )
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
-        self.mdp = DenoisingMDP(num_envs, model, reward, prompts, num_steps, eta, device, components, reward_kwargs)
+        self.mdp = DenoisingMDP(
+            num_envs, model, reward, prompts, num_steps, eta, device, components, reward_kwargs
+        )
         self.num_envs = num_envs
         self.torch_obs = torch_obs
         self.render_mode = render_mode
@@ -123,7 +125,9 @@ class DenoisingVectorEnv(VectorEnv):
             seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
             if len(seeds) != self.num_envs:
                 raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
-            self._rngs = [seeding.np_random(s)[0] if s is not None else rng for s, rng in zip(seeds, self._rngs)]
+            self._rngs = [
+                seeding.np_random(s)[0] if s is not None else rng for s, rng in zip(seeds, self._rngs)
+            ]
         self.mdp.reset(self._rngs)
         return self._observation(), {}
 
@@ -142,7 +146,12 @@ class DenoisingVectorEnv(VectorEnv):
         observation = self._observation()
         if self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
             final_info = info
-            info = {"final_obs": observation, "_final_obs": every, "final_info": final_info, "_final_info": every}
+            info = {
+                "final_obs": observation,
+                "_final_obs": every,
+                "final_info": final_info,
+                "_final_info": every,
+            }
             info.update(final_info)
             self.mdp.reset(self._rngs)
             observation = self._observation()
