@@ -98,8 +98,7 @@ class DDIMSchedule:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         if num_steps > scheduler.config.num_train_timesteps:
             raise ValueError(
-                f"num_steps={num_steps} exceeds the model's {scheduler.config.num_train_timesteps} "
-                "training timesteps"
+                f"num_steps={num_steps} exceeds the model's {scheduler.config.num_train_timesteps} training timesteps"
             )
         if scheduler.config.thresholding:
             raise ValueError("dynamic thresholding is not supported by the stochastic DDIM policy")
@@ -111,9 +110,7 @@ class DDIMSchedule:
             num_train_timesteps=int(scheduler.config.num_train_timesteps),
             eta=float(eta),
             prediction_type=scheduler.config.prediction_type,
-            clip_sample_range=float(scheduler.config.clip_sample_range)
-            if scheduler.config.clip_sample
-            else None,
+            clip_sample_range=float(scheduler.config.clip_sample_range) if scheduler.config.clip_sample else None,
         )
 
     @property
@@ -258,9 +255,7 @@ def ddim_step_with_logprob(
     # 4. Optional clipping of x_0 (diffusers' clip_sample; off for Stable Diffusion). As in diffusers with
     #    use_clipped_model_output=False, ε is *not* re-derived from the clipped x_0.
     if schedule.clip_sample_range is not None:
-        pred_original_sample = pred_original_sample.clamp(
-            -schedule.clip_sample_range, schedule.clip_sample_range
-        )
+        pred_original_sample = pred_original_sample.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
 
     # 5. Mean μ_θ = √α_{t-1} x̂_0 + √(1 - α_{t-1} - σ_t²) ε̂   (DDIM eq. 12 without the noise term).
     pred_sample_direction = (1 - alpha_prod_t_prev - std**2).sqrt() * pred_epsilon
@@ -273,9 +268,7 @@ def ddim_step_with_logprob(
             noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev_sample = mean + std * noise
     elif prev_sample.shape != sample.shape:
-        raise ValueError(
-            f"prev_sample {tuple(prev_sample.shape)} must have the shape of x_t {tuple(sample.shape)}"
-        )
+        raise ValueError(f"prev_sample {tuple(prev_sample.shape)} must have the shape of x_t {tuple(sample.shape)}")
 
     # 7. log π(x_{t-1} | x_t, c): gradients flow through the mean only (σ_t is a constant of the schedule).
     #    With η = 0 (deterministic DDIM, used for evaluation) there is no density: log_prob is None.

@@ -163,9 +163,7 @@ class DenoisingMDP:
             )
         expected = (self.num_envs, *self.latent_shape)
         if tuple(actions.shape) != expected:
-            raise ValueError(
-                f"action must have shape {expected} (the next latent x_{{t-1}}), got {actions.shape}"
-            )
+            raise ValueError(f"action must have shape {expected} (the next latent x_{{t-1}}), got {actions.shape}")
         if isinstance(actions, np.ndarray):
             if not np.issubdtype(actions.dtype, np.floating):
                 raise ValueError(f"action must be a floating-point latent, got dtype {actions.dtype}")

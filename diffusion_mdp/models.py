@@ -153,6 +153,4 @@ def load_components(
         module.requires_grad_(False).eval()
     source = BUNDLED_MODEL if model is None or model == BUNDLED_MODEL else os.fspath(model)
     default_prompts = "shapes_train" if source == BUNDLED_MODEL else None
-    return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler, source, default_prompts).to(
-        device
-    )
+    return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler, source, default_prompts).to(device)

@@ -159,9 +159,7 @@ class DiffusionPolicy(nn.Module):
         )
 
     @torch.no_grad()
-    def sample(
-        self, obs: Mapping[str, Any], generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def sample(self, obs: Mapping[str, Any], generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Sample actions x_{t-1} ~ π(· | s_t) without gradients.
 
         Returns:

@@ -121,9 +121,7 @@ def load_prompts(spec: str | os.PathLike[str] | Sequence[str] | PromptSet) -> Pr
         )
     if isinstance(spec, Sequence):
         return PromptSet(list(spec))
-    raise TypeError(
-        f"prompts must be a name, a path, a list of strings or a PromptSet, got {type(spec).__name__}"
-    )
+    raise TypeError(f"prompts must be a name, a path, a list of strings or a PromptSet, got {type(spec).__name__}")
 
 
 def _read_data_lines(filename: str) -> list[str]:

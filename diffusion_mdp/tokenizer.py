@@ -31,9 +31,7 @@ END_OF_WORD = "</w>"
 def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Run byte-pair encoding on one word's pieces with the given merge ranks (lower merges first)."""
     while len(pieces) > 1:
-        pairs = [
-            (ranks.get((a, b)), i) for i, (a, b) in enumerate(itertools.pairwise(pieces))
-        ]
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(itertools.pairwise(pieces))]
         ranked = [(rank, i) for rank, i in pairs if rank is not None]
         if not ranked:
             break

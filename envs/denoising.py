@@ -111,9 +111,7 @@ class DenoisingEnv(gym.Env[dict[str, Any], np.ndarray]):
         reward_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(
-                f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}"
-            )
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
         self.mdp = DenoisingMDP(1, model, reward, prompts, num_steps, eta, device, components, reward_kwargs)
         self.observation_space = observation_space_for(self.mdp)
@@ -147,9 +145,7 @@ class DenoisingEnv(gym.Env[dict[str, Any], np.ndarray]):
         action = np.asarray(action) if not isinstance(action, torch.Tensor) else action
         expected = self.mdp.latent_shape
         if tuple(action.shape) != expected:
-            raise ValueError(
-                f"action must have shape {expected} (the next latent x_{{t-1}}), got {action.shape}"
-            )
+            raise ValueError(f"action must have shape {expected} (the next latent x_{{t-1}}), got {action.shape}")
         rewards, terminated, batch_info = self.mdp.step(action[None])
         info: dict[str, Any] = {}
         if terminated:

@@ -75,9 +75,7 @@ class DenoisingVectorEnv(VectorEnv):
             )
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
-        self.mdp = DenoisingMDP(
-            num_envs, model, reward, prompts, num_steps, eta, device, components, reward_kwargs
-        )
+        self.mdp = DenoisingMDP(num_envs, model, reward, prompts, num_steps, eta, device, components, reward_kwargs)
         self.num_envs = num_envs
         self.torch_obs = torch_obs
         self.render_mode = render_mode
@@ -126,7 +124,7 @@ class DenoisingVectorEnv(VectorEnv):
             if len(seeds) != self.num_envs:
                 raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
             self._rngs = [
-                seeding.np_random(s)[0] if s is not None else rng for s, rng in zip(seeds, self._rngs)
+                seeding.np_random(s)[0] if s is not None else rng for s, rng in zip(seeds, self._rngs, strict=True)
             ]
         self.mdp.reset(self._rngs)
         return self._observation(), {}

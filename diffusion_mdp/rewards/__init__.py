@@ -94,9 +94,7 @@ def make_reward(spec: str | RewardFn | Mapping[str, float], **kwargs: Any) -> Re
         return WeightedSum({name: (make_reward(name, **kwargs), float(w)) for name, w in spec.items()})
     if callable(spec):
         return spec
-    raise TypeError(
-        f"reward must be a name, a callable or a {{name: weight}} dict, got {type(spec).__name__}"
-    )
+    raise TypeError(f"reward must be a name, a callable or a {{name: weight}} dict, got {type(spec).__name__}")
 
 
 class WeightedSum:
