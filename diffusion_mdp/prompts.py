@@ -136,10 +136,10 @@ def _with_article(noun: str) -> str:
 # Data files from the authors' implementation (kvablack/ddpo-pytorch, MIT licence): data/prompts/README.md.
 @register_prompt_set("imagenet_animals")
 def imagenet_animals() -> PromptSet:
-    """The 398 animal classes of ImageNet (the first 398 classes), first synonym only: the paper's
-    prompt set for compressibility and aesthetics."""
-    names = [line.split(",")[0].strip() for line in _read_data_lines("imagenet_classes.txt")[:398]]
-    return PromptSet(names, name="imagenet_animals")
+    """The 398 animal classes of ImageNet (the first 398 classes): the paper's prompt set for
+    compressibility and aesthetics. Each prompt is the whole class line with its synonyms
+    ("tench, Tinca tinca"), exactly as the authors' code feeds it to the model."""
+    return PromptSet(_read_data_lines("imagenet_classes.txt")[:398], name="imagenet_animals")
 
 
 @register_prompt_set("simple_animals")
@@ -161,5 +161,5 @@ def animals_activities() -> PromptSet:
 
 def _import_builtin_sets() -> None:
     """Import modules that register more sets (tiny-shapes registers shapes_* sets)."""
-    if importlib.util.find_spec("diffusion_mdp.shapes") is not None:
+    if importlib.util.find_spec("diffusion_mdp.shapes.prompts") is not None:
         importlib.import_module("diffusion_mdp.shapes.prompts")

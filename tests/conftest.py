@@ -1,0 +1,33 @@
+"""Shared fixtures: the reference tiny pipeline, built once per test session (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# No test may reach a model hub: fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the reference tiny pipeline (ε-prediction), see ``diffusion_mdp.testing``."""
+    from diffusion_mdp.testing import build_reference_tiny_pipeline
+
+    return build_reference_tiny_pipeline(tmp_path_factory.mktemp("reference-tiny"))
+
+
+@pytest.fixture(scope="session")
+def reference_components(reference_pipeline: Path):
+    """Loaded components of the reference tiny pipeline, shared (read-only!) by tests."""
+    from diffusion_mdp.models import load_components
+
+    return load_components(reference_pipeline)
+
+
+PROMPTS = ["a red circle", "two blue squares", "three green triangles"]
