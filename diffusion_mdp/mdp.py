@@ -127,7 +127,12 @@ class DenoisingMDP:
     def prompt_list(self) -> list[str]:
         return [self.prompts.prompts[i] for i in self.prompt_ids]
 
-    def reset(self, rngs: Sequence[np.random.Generator], env_ids: Sequence[int] | None = None) -> None:
+    def reset(
+        self,
+        rngs: Sequence[np.random.Generator],
+        env_ids: Sequence[int] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+    ) -> None:
         """Start new episodes: c ~ p(c) and x_T ~ N(0, I), drawn with each episode's own generator.
 
         Each episode's prompt index and noise seed come from its own NumPy generator, in that order, so a
@@ -138,12 +143,18 @@ class DenoisingMDP:
             rngs: One generator per episode in ``env_ids``.
             env_ids: Which episodes to reset (all by default; all episodes share one step counter, so a
                 partial reset is only allowed at the start or end of an episode).
+            prompt_ids: Optional prompt index per episode, overriding the drawn one (e.g. k episodes per
+                prompt for group advantages). The generators draw as usual, so the noise is unchanged.
         """
         env_ids = list(range(self.num_envs)) if env_ids is None else list(env_ids)
         if len(rngs) != len(env_ids):
             raise ValueError(f"{len(env_ids)} episodes to reset but {len(rngs)} generators")
-        for env_id, rng in zip(env_ids, rngs, strict=True):
+        if prompt_ids is not None and len(prompt_ids) != len(env_ids):
+            raise ValueError(f"{len(env_ids)} episodes to reset but {len(prompt_ids)} prompt ids")
+        for i, (env_id, rng) in enumerate(zip(env_ids, rngs, strict=True)):
             self.prompt_ids[env_id] = self.prompts.sample(rng)
+            if prompt_ids is not None:
+                self.prompt_ids[env_id] = int(prompt_ids[i]) % len(self.prompts)
             noise_seed = int(rng.integers(2**63 - 1))
             noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(noise_seed))
             self.latents[env_id] = noise.to(self.device)

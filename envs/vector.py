@@ -118,7 +118,10 @@ class DenoisingVectorEnv(VectorEnv):
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Start N new episodes. ``seed``: an int (sub-env i gets ``seed + i``) or one seed per sub-env."""
+        """Start N new episodes. ``seed``: an int (sub-env i gets ``seed + i``) or one seed per sub-env.
+
+        ``options={"prompt_ids": [...]}`` fixes each sub-env's prompt index (the noise is drawn as usual).
+        """
         if seed is not None:
             seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
             if len(seeds) != self.num_envs:
@@ -126,7 +129,7 @@ class DenoisingVectorEnv(VectorEnv):
             self._rngs = [
                 seeding.np_random(s)[0] if s is not None else rng for s, rng in zip(seeds, self._rngs, strict=True)
             ]
-        self.mdp.reset(self._rngs)
+        self.mdp.reset(self._rngs, prompt_ids=(options or {}).get("prompt_ids"))
         return self._observation(), {}
 
     def step(

@@ -1,0 +1,133 @@
+"""Advantage estimation for DDPO: reward normalisation per prompt, per batch, or per group.
+
+With γ = λ = 1 and no value function, every step of a trajectory has the same advantage, the
+trajectory's normalised terminal reward (DDPO, section 4.3):
+
+    A(s_t, a_t) = (r(x_0, c) - μ_c) / σ_c        for every t,
+
+where (μ_c, σ_c) are the statistics chosen by the mode:
+
+- ``per_prompt``: the paper's per-prompt stat tracking: the last ``buffer_size`` rewards seen for prompt c,
+  across epochs; until a prompt has ``min_count`` of them, the current batch's statistics are used.
+- ``batch``: the current batch's mean and standard deviation.
+- ``group``: the statistics of the k samples of the same prompt in the current batch (GRPO).
+
+Advantages are then clipped to ± ``adv_clip_max``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+STD_EPS = 1e-6  # keeps a prompt whose rewards are all equal from dividing by zero (as the authors' code)
+
+
+class PerPromptStatTracker:
+    """Running reward statistics per prompt (the authors' ``PerPromptStatTracker``), with a saveable state.
+
+    Args:
+        buffer_size: How many recent rewards to keep per prompt.
+        min_count: Below this many rewards for a prompt, fall back to the batch's statistics.
+
+    >>> tracker = PerPromptStatTracker(buffer_size=4, min_count=2)
+    >>> tracker.update(["a", "a", "b"], np.array([1.0, 3.0, 5.0])).round(3).tolist()
+    [-1.0, 1.0, 1.225]
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16) -> None:
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.stats: dict[str, deque[float]] = {}
+
+    def statistics(self, prompts: Sequence[str], rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Record ``rewards`` and return each sample's (μ, σ), both ``(B,)``.
+
+        Args:
+            prompts: ``B`` prompt strings.
+            rewards: ``(B,)`` terminal rewards.
+        """
+        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        if len(prompts) != len(rewards):
+            raise ValueError(f"{len(prompts)} prompts but {len(rewards)} rewards")
+        mean = np.empty_like(rewards)
+        std = np.empty_like(rewards)
+        prompts_arr = np.asarray(prompts, dtype=object)
+        batch_mean, batch_std = rewards.mean(), rewards.std() + STD_EPS
+        for prompt in dict.fromkeys(prompts):
+            mask = prompts_arr == prompt
+            buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            if len(buffer) < self.min_count:
+                mean[mask], std[mask] = batch_mean, batch_std
+            else:
+                mean[mask], std[mask] = np.mean(buffer), np.std(buffer) + STD_EPS
+        return mean, std
+
+    def update(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
+        """Record ``rewards`` and return their normalised values ``(B,)``."""
+        mean, std = self.statistics(prompts, rewards)
+        return (np.asarray(rewards, dtype=np.float64) - mean) / std
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "stats": {prompt: list(values) for prompt, values in self.stats.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer_size = int(state["buffer_size"])
+        self.min_count = int(state["min_count"])
+        self.stats = {p: deque(v, maxlen=self.buffer_size) for p, v in state["stats"].items()}
+
+
+def batch_statistics(rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every sample's (μ, σ) is the batch's: ``(B,)`` each."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return np.full_like(rewards, rewards.mean()), np.full_like(rewards, rewards.std() + STD_EPS)
+
+
+def group_statistics(group_ids: np.ndarray, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, σ) of each sample's group (samples sharing a group id, e.g. the k samples of one prompt in a batch)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    mean, std = np.empty_like(rewards), np.empty_like(rewards)
+    for gid in np.unique(group_ids):
+        mask = group_ids == gid
+        mean[mask], std[mask] = rewards[mask].mean(), rewards[mask].std() + STD_EPS
+    return mean, std
+
+
+class AdvantageNormalizer:
+    """The advantage mode of a run, as one object with a saveable state.
+
+    Args:
+        mode: ``"per_prompt"``, ``"batch"`` or ``"group"``.
+        buffer_size, min_count: Of the per-prompt tracker.
+    """
+
+    def __init__(self, mode: str = "per_prompt", buffer_size: int = 16, min_count: int = 16) -> None:
+        if mode not in ("per_prompt", "batch", "group"):
+            raise ValueError(f"advantage mode must be per_prompt, batch or group, got {mode!r}")
+        self.mode = mode
+        self.tracker = PerPromptStatTracker(buffer_size, min_count)
+
+    def __call__(
+        self, returns: np.ndarray, prompts: Sequence[str], group_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each trajectory's (μ, σ), ``(B,)`` each, from its return ``(B,)``, prompt and group id."""
+        if self.mode == "per_prompt":
+            return self.tracker.statistics(prompts, returns)
+        if self.mode == "batch":
+            return batch_statistics(returns)
+        return group_statistics(np.asarray(group_ids), returns)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mode = state["mode"]
+        self.tracker.load_state_dict(state["tracker"])

@@ -1,0 +1,600 @@
+"""Shared machinery of every agent: setup, rollouts, evaluation, checkpoints, logging, the epoch loop.
+
+An algorithm is a subclass of :class:`DiffusionAgent` that implements one method,
+:meth:`DiffusionAgent.train_on_rollouts`, which reads the filled :class:`DenoisingRolloutBuffer` and updates
+the UNet (see ``ddpo_is.py``, ``ddpo_sf.py``, ``rwr.py``; each reads top to bottom). Everything else — the
+vector env in fast torch mode, the policy, LoRA, AdamW, SB3 schedules and logger, autocast, advantages,
+atomic checkpoints with RNG states, held-out evaluation, image grids and the reward plot — lives here once.
+
+Reproducibility: every random draw of an epoch comes from generators seeded by ``(seed, epoch, batch)``
+(env resets, policy noise, shuffling), so epoch e does the same thing whether the run was resumed or not;
+the global torch/NumPy/Python RNG states and the env's generators are checkpointed as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3.common.logger import Logger, configure
+from stable_baselines3.common.utils import FloatSchedule, LinearSchedule
+from torch import Tensor
+
+import diffusion_mdp  # noqa: F401  (registers DenoisingMDP-v0)
+from diffusion_mdp.ddim import DDIMSchedule, ddim_step_with_logprob
+from diffusion_mdp.mdp import RewardError, decode_latents
+from diffusion_mdp.policy import DiffusionPolicy
+from diffusion_mdp.prompts import PromptSet, load_prompts
+
+from .advantages import AdvantageNormalizer
+from .buffer import DenoisingRolloutBuffer, StepBatch
+from .config import TrainConfig
+from .visual import plot_rewards, save_grid
+
+CHECKPOINT_FORMAT = 1
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as the paper's LoRA
+_SEED_TAGS = {"env": 0, "noise": 1, "shuffle": 2, "group": 3, "train": 4, "eval": 5}
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed from a tuple of integers (independent streams per (seed, epoch, batch, purpose))."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def resolve_autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a ``mixed_precision`` setting on ``device`` (None: full precision)."""
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "fp16":
+        return torch.float16
+    if mixed_precision == "bf16":
+        return torch.bfloat16
+    # auto: bf16 where the hardware does it natively
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    cpu_bf16 = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+    return torch.bfloat16 if cpu_bf16 else None
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> None:
+    """Freeze the UNet and add a trainable LoRA adapter to its attention projections (diffusers + peft)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(  # type: ignore[operator]
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+    )
+    # Trainable parameters stay in float32 even when the forward runs under bf16/fp16 autocast.
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def export_lora(unet: torch.nn.Module, folder: str | os.PathLike[str]) -> Path:
+    """Save the UNet's LoRA adapter in diffusers format (``StableDiffusionPipeline.load_lora_weights``)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    folder = Path(folder)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    return folder
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` atomically: a crash leaves either the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class DiffusionAgent:
+    """Base class: everything but the update rule. Subclasses set ``algorithm`` and ``train_on_rollouts``.
+
+    Args:
+        config: A validated :class:`TrainConfig`.
+        components: Already loaded model components to use (tests share one load); None loads ``config.model``.
+    """
+
+    algorithm: ClassVar[str] = ""
+
+    def __init__(self, config: TrainConfig, components: Any = None) -> None:
+        self.config = cfg = config.validate()
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = torch.device(cfg.device)
+        self.run_dir = cfg.run_dir
+        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
+
+        # The vector env in fast mode: torch observations on the device, episodes end together.
+        self.env = gym.make_vec(
+            "DenoisingMDP-v0",
+            num_envs=cfg.sample_batch_size,
+            model=cfg.model,
+            reward=cfg.reward,
+            prompts=cfg.prompts or None,
+            num_steps=cfg.num_steps,
+            eta=cfg.eta,
+            device=cfg.device,
+            torch_obs=True,
+            autoreset_mode="Disabled",
+            components=components,
+        )
+        self.mdp = self.env.unwrapped.mdp
+        self.components = self.env.unwrapped.components
+        self.train_prompts: PromptSet = self.mdp.prompts
+        self.eval_prompts: PromptSet = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else self.train_prompts
+        self.policy = DiffusionPolicy.from_env(self.env, guidance_scale=cfg.guidance_scale)
+        self.unet = self.policy.unet
+        if cfg.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if cfg.use_lora:
+            add_lora(self.unet, cfg.lora_rank, cfg.lora_alpha)
+        else:
+            self.unet.requires_grad_(True)
+        self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
+        self.autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.trainable,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        # SB3 schedules of progress_remaining (1 at the start, 0 at the end).
+        self.lr_schedule = FloatSchedule(
+            LinearSchedule(cfg.learning_rate, cfg.lr_end, 1.0) if cfg.lr_schedule == "linear" else cfg.learning_rate
+        )
+        self.clip_schedule = FloatSchedule(
+            LinearSchedule(cfg.clip_range, cfg.clip_range_end, 1.0)
+            if cfg.clip_range_schedule == "linear"
+            else cfg.clip_range
+        )
+        self.normalizer = AdvantageNormalizer(cfg.advantage_mode, cfg.stat_buffer_size, cfg.stat_min_count)
+        embed_shape = tuple(self.policy.encode_prompts([""]).shape[1:])
+        self.buffer = DenoisingRolloutBuffer(
+            cfg.num_steps, cfg.samples_per_epoch, self.components.latent_shape, embed_shape, self.device
+        )
+        self.epoch = 0  # completed epochs
+        self.global_step = 0  # optimizer steps
+        self.history: list[dict[str, Any]] = []
+        self.eval_history: list[dict[str, Any]] = []
+        self.logger: Logger | None = None
+        self._stop_requested = False
+        self.last_images: tuple[np.ndarray, list[str], np.ndarray] | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Hooks for algorithms
+    # ------------------------------------------------------------------------------------------
+    def train_on_rollouts(self, epoch: int) -> dict[str, float]:
+        """Update the UNet from the filled buffer; return metrics. Implemented by each algorithm."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------
+    # Numerics shared by algorithms
+    # ------------------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed-precision context (the same for sampling and training, so ratios start at exactly 1)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def progress_remaining(self, epoch: int) -> float:
+        """SB3's progress variable: 1 at the first epoch, → 0 at the end."""
+        return 1.0 - epoch / self.config.num_epochs
+
+    def current_clip_range(self, epoch: int) -> float:
+        return self.clip_schedule(self.progress_remaining(epoch))
+
+    def step_log_prob(self, batch: StepBatch) -> tuple[Tensor, Any]:
+        """log π_θ(x_{t-1} | x_t, c) ``(b,)`` with gradients, and the step output (mean, std)."""
+        with self.autocast():
+            out = self.policy(batch.obs(), batch.next_latents)
+        return out.log_prob, out
+
+    def kl_to_reference(self, batch: StepBatch, out: Any) -> Tensor:
+        """KL(π_θ ‖ π_ref) per sample ``(b,)`` at this step, π_ref = the UNet without its LoRA adapter.
+
+        Both are Gaussians with the same σ_t, so KL = ‖μ_θ - μ_ref‖² / (2σ_t²), averaged over latent
+        dimensions like the log-probs (the mean convention).
+        """
+        self.unet.disable_adapters()  # type: ignore[operator]
+        try:
+            with torch.no_grad(), self.autocast():
+                ref = self.policy(batch.obs(), batch.next_latents)
+        finally:
+            self.unet.enable_adapters()  # type: ignore[operator]
+        return ((out.mean - ref.mean) ** 2 / (2 * out.std**2)).mean(dim=(1, 2, 3))
+
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self) -> float:
+        """Unscale, clip the gradient norm, step AdamW, zero the gradients; returns the pre-clip norm."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return float(norm)
+
+    def shuffle_generator(self, epoch: int, inner_epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derived_seed(self.config.seed, _SEED_TAGS["shuffle"], epoch, inner_epoch))
+
+    # ------------------------------------------------------------------------------------------
+    # Rollouts
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect_rollouts(self, epoch: int) -> dict[str, Any]:
+        """Fill the buffer with ``samples_per_epoch`` trajectories of the current policy; return reward stats.
+
+        Raises:
+            RewardError: The reward failed; the message names the reward, the batch, and the intact checkpoint.
+        """
+        cfg, buffer = self.config, self.buffer
+        buffer.reset()
+        num_batches = cfg.samples_per_epoch // cfg.sample_batch_size
+        images, prompts = [], []
+        for b in range(num_batches):
+            options = None
+            group_ids = np.arange(b * cfg.sample_batch_size, (b + 1) * cfg.sample_batch_size)
+            if cfg.advantage_mode == "group":
+                # k samples per prompt: N / k prompts drawn per batch, each repeated k times.
+                rng = np.random.default_rng(derived_seed(cfg.seed, _SEED_TAGS["group"], epoch, b))
+                chosen = rng.integers(len(self.train_prompts), size=cfg.sample_batch_size // cfg.group_size)
+                options = {"prompt_ids": np.repeat(chosen, cfg.group_size)}
+                group_ids = b * cfg.sample_batch_size + np.repeat(np.arange(len(chosen)), cfg.group_size)
+            obs, _ = self.env.reset(seed=derived_seed(cfg.seed, _SEED_TAGS["env"], epoch, b) % 2**31, options=options)
+            generator = torch.Generator(self.device).manual_seed(derived_seed(cfg.seed, _SEED_TAGS["noise"], epoch, b))
+            obs["prompt_embeds"] = self.policy.encode_prompts(obs["prompt"])
+            obs["group_id"] = group_ids
+            info: dict[str, Any] = {}
+            for _ in range(cfg.num_steps):
+                with self.autocast():
+                    actions, log_probs = self.policy.sample(obs, generator=generator)
+                try:
+                    next_obs, rewards, _, _, info = self.env.step(actions)
+                except RewardError as exc:
+                    raise RewardError(
+                        f"epoch {epoch + 1}, sample batch {b + 1}/{num_batches}: {exc}. Nothing of this epoch was "
+                        f"saved; the last checkpoint ({self._checkpoint_note()}) is intact."
+                    ) from exc
+                buffer.add(obs, actions, rewards, log_prob=log_probs)
+                next_obs["prompt_embeds"], next_obs["group_id"] = obs["prompt_embeds"], group_ids
+                obs = next_obs
+            images.append(info["image"])
+            prompts.extend(info["prompt"])
+        rewards = buffer.episode_rewards.cpu().numpy()
+        self.last_images = (np.concatenate(images), prompts, rewards)
+        return {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "reward_min": float(rewards.min()),
+            "reward_max": float(rewards.max()),
+        }
+
+    def _checkpoint_note(self) -> str:
+        if self.checkpoint_path.is_file():
+            return f"{self.checkpoint_path}, epoch {torch.load(self.checkpoint_path, weights_only=False)['epoch']}"
+        return "none written yet"
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation: deterministic DDIM (η = 0) from fixed noise on held-out prompts
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, num_samples: int | None = None) -> dict[str, Any]:
+        """Render ``num_samples`` held-out images with η = 0 from fixed seeds and score them.
+
+        Returns:
+            ``{"eval_reward_mean", "eval_reward_std", "images" (B, H, W, 3), "prompts", "rewards" (B,)}``.
+        """
+        cfg = self.config
+        num_samples = num_samples or cfg.eval_num_samples
+        rng = np.random.default_rng(derived_seed(cfg.seed, _SEED_TAGS["eval"]))
+        order = rng.permutation(len(self.eval_prompts))
+        ids = np.resize(order, num_samples)  # every prompt once before any repeats
+        generator = torch.Generator().manual_seed(derived_seed(cfg.seed, _SEED_TAGS["eval"], 1))
+        noise = torch.randn((num_samples, *self.components.latent_shape), generator=generator)
+        images, rewards = [], []
+        for start in range(0, num_samples, cfg.sample_batch_size):
+            batch_ids = ids[start : start + cfg.sample_batch_size]
+            prompts = [self.eval_prompts.prompts[i] for i in batch_ids]
+            metadata = [self.eval_prompts.metadata[i] for i in batch_ids]
+            latents = sample_deterministic(
+                self.policy,
+                noise[start : start + len(batch_ids)].to(self.device),
+                prompts,
+                cfg.num_steps,
+                self.autocast,
+            )
+            batch_images = decode_latents(self.components.vae, latents)
+            try:
+                values, _ = self.mdp.reward_fn(batch_images, prompts, metadata)
+            except Exception as exc:
+                raise RewardError(
+                    f"reward {self.mdp.reward_name!r} failed on the evaluation batch {prompts[:4]}: {exc}"
+                ) from exc
+            values = np.asarray(values, dtype=np.float64)
+            if not np.isfinite(values).all():
+                raise RewardError(f"reward {self.mdp.reward_name!r} returned NaN/inf on the evaluation batch")
+            images.append(batch_images)
+            rewards.append(values)
+        all_rewards = np.concatenate(rewards)
+        prompts = [self.eval_prompts.prompts[i] for i in ids]
+        return {
+            "eval_reward_mean": float(all_rewards.mean()),
+            "eval_reward_std": float(all_rewards.std()),
+            "images": np.concatenate(images),
+            "prompts": prompts,
+            "rewards": all_rewards,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "algorithm": self.algorithm,
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "trainable": {n: p.detach().clone() for n, p in self.unet.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "normalizer": self.normalizer.state_dict(),
+            "history": self.history,
+            "eval_history": self.eval_history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "env": [r.bit_generator.state for r in self.env.unwrapped._rngs],
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+        params = dict(self.unet.named_parameters())
+        missing = [n for n in state["trainable"] if n not in params]
+        if missing:
+            raise ValueError(f"checkpoint has weights this model lacks: {missing[:3]} (LoRA vs full fine-tuning?)")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.normalizer.load_state_dict(state["normalizer"])
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.history, self.eval_history = list(state["history"]), list(state["eval_history"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        for generator, env_state in zip(self.env.unwrapped._rngs, rng["env"], strict=True):
+            generator.bit_generator.state = env_state
+
+    def save_checkpoint(self) -> Path:
+        atomic_torch_save(self.state_dict(), self.checkpoint_path)
+        return self.checkpoint_path
+
+    def load_checkpoint(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.load_state_dict(torch.load(path or self.checkpoint_path, weights_only=False, map_location=self.device))
+
+    # ------------------------------------------------------------------------------------------
+    # The epoch loop
+    # ------------------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Finish the current epoch, write a checkpoint, then stop (what Ctrl-C does)."""
+        self._stop_requested = True
+
+    @contextlib.contextmanager
+    def _interrupt_handler(self) -> Iterator[None]:
+        """First Ctrl-C: stop after this epoch with a checkpoint. Second: abort now (last checkpoint kept)."""
+        if not hasattr(signal, "SIGINT") or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_requested:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            print("\nCtrl-C: finishing this epoch, then saving a checkpoint (Ctrl-C again aborts without saving)")
+            self.request_stop()
+
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _setup_logger(self) -> Logger:
+        formats = [f.strip() for f in self.config.log_formats.split(",") if f.strip()]
+        if "tensorboard" in formats:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                print("tensorboard is not installed: logging without it (pip install tensorboard)")
+                formats.remove("tensorboard")
+        log_dir = self.run_dir / "logs"
+        if self.epoch > 0 and (log_dir / "progress.csv").exists():  # SB3 truncates progress.csv: keep the old one
+            (log_dir / "progress.csv").rename(log_dir / f"progress-until-epoch{self.epoch}.csv")
+        return configure(str(log_dir), formats)
+
+    def learn(self) -> dict[str, Any]:
+        """Run epochs ``self.epoch + 1 .. num_epochs``; returns a summary (before/after evaluation rewards).
+
+        Raises:
+            KeyboardInterrupt: After Ctrl-C (or :meth:`request_stop`), once the checkpoint is written.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.logger = self._setup_logger()
+        if self.epoch == 0 and not self.eval_history and cfg.eval_num_samples:
+            self._evaluate_and_log(0)
+        bar = tqdm(
+            range(self.epoch, cfg.num_epochs),
+            initial=self.epoch,
+            total=cfg.num_epochs,
+            desc=f"{self.algorithm} {cfg.name}",
+            disable=not cfg.progress_bar,
+        )
+        with self._interrupt_handler():
+            for epoch in bar:
+                lr = self.lr_schedule(self.progress_remaining(epoch))
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                t0 = time.perf_counter()
+                metrics: dict[str, Any] = {"epoch": epoch + 1, **self.collect_rollouts(epoch)}
+                t1 = time.perf_counter()
+                metrics.update(self.train_on_rollouts(epoch))
+                t2 = time.perf_counter()
+                metrics["lr"] = lr
+                metrics["global_step"] = self.global_step
+                self.epoch = epoch + 1
+                self.history.append(metrics)
+                timing = {"time/sampling_s": t1 - t0, "time/training_s": t2 - t1}
+                self._log(metrics, timing)
+                bar.write(self._metrics_line(metrics, timing))
+                done = self.epoch == cfg.num_epochs
+                if cfg.image_every and (self.epoch % cfg.image_every == 0 or done) and self.last_images is not None:
+                    imgs, prompts, rewards = self.last_images
+                    count = min(16, len(imgs))
+                    save_grid(
+                        imgs[:count],
+                        [f"{p} | r={r:.3g}" for p, r in zip(prompts[:count], rewards[:count], strict=True)],
+                        self.run_dir / "images" / f"samples_epoch{self.epoch:04d}.png",
+                        title=f"training samples, epoch {self.epoch}",
+                    )
+                if cfg.eval_num_samples and (self.epoch % cfg.eval_every == 0 or done):
+                    self._evaluate_and_log(self.epoch)
+                if self.epoch % cfg.save_every == 0 or done or self._stop_requested:
+                    self.save_checkpoint()
+                if self._stop_requested:
+                    bar.close()
+                    raise KeyboardInterrupt(f"stopped after epoch {self.epoch}; checkpoint {self.checkpoint_path}")
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Final outputs: the LoRA in diffusers format, the reward plot, before/after grids, summary.json."""
+        if self.config.use_lora:
+            export_lora(self.unet, self.run_dir / "lora")
+        plot_rewards(self.history, self.eval_history, self.run_dir / "reward_curve.png")
+        summary: dict[str, Any] = {"epochs": self.epoch, "run_dir": str(self.run_dir)}
+        if self.eval_history:
+            before, after = self.eval_history[0], self.eval_history[-1]
+            summary.update(
+                eval_before=before["eval_reward_mean"],
+                eval_before_epoch=before["epoch"],
+                eval_after=after["eval_reward_mean"],
+                eval_after_epoch=after["epoch"],
+            )
+        if self.history:
+            summary.update(
+                train_reward_first=self.history[0]["reward_mean"], train_reward_last=self.history[-1]["reward_mean"]
+            )
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.logger is not None:
+            self.logger.close()
+        return summary
+
+    def _evaluate_and_log(self, epoch: int) -> dict[str, Any]:
+        result = self.evaluate()
+        entry = {
+            "epoch": epoch,
+            "eval_reward_mean": result["eval_reward_mean"],
+            "eval_reward_std": result["eval_reward_std"],
+        }
+        self.eval_history.append(entry)
+        images_dir = self.run_dir / "images"
+        captions = [f"{p} | r={r:.3g}" for p, r in zip(result["prompts"], result["rewards"], strict=True)]
+        title = f"held-out eval (η=0), epoch {epoch}: mean reward {result['eval_reward_mean']:.4g}"
+        path = save_grid(result["images"], captions, images_dir / f"eval_epoch{epoch:04d}.png", title=title)
+        if epoch == 0:
+            (images_dir / "before.png").write_bytes(path.read_bytes())
+        else:
+            (images_dir / "after.png").write_bytes(path.read_bytes())
+        if self.logger is not None:
+            self.logger.record("eval/reward_mean", entry["eval_reward_mean"])
+            self.logger.record("eval/reward_std", entry["eval_reward_std"])
+            if epoch == 0:
+                self.logger.dump(step=0)
+        print(f"[eval] epoch {epoch}: held-out reward {entry['eval_reward_mean']:.4f} ± {entry['eval_reward_std']:.4f}")
+        return entry
+
+    def _log(self, metrics: dict[str, Any], timing: dict[str, float]) -> None:
+        assert self.logger is not None
+        for key, value in metrics.items():
+            if key != "epoch":
+                self.logger.record(f"train/{key}", value)
+        for key, value in timing.items():
+            self.logger.record(key, value)
+        self.logger.dump(step=metrics["epoch"])
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({**metrics, **timing}) + "\n")
+
+    @staticmethod
+    def _metrics_line(metrics: dict[str, Any], timing: dict[str, float]) -> str:
+        parts = [f"epoch {metrics['epoch']}"]
+        for key, value in metrics.items():
+            if key != "epoch":
+                parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+        parts += [f"{k.split('/')[-1]}={v:.1f}" for k, v in timing.items()]
+        return " ".join(parts)
+
+
+@torch.no_grad()
+def sample_deterministic(
+    policy: DiffusionPolicy,
+    noise: Tensor,
+    prompts: list[str],
+    num_steps: int,
+    autocast: Any = contextlib.nullcontext,
+) -> Tensor:
+    """Deterministic DDIM (η = 0) from ``noise`` ``(B, C, h, w)``; returns x_0 ``(B, C, h, w)``.
+
+    Uses a separate η = 0 schedule (the policy's own has η > 0; ``ddim_step_with_logprob`` then has no
+    log-prob, which evaluation does not need).
+    """
+    schedule = DDIMSchedule.from_scheduler(policy.components.scheduler, num_steps, eta=0.0)
+    embeds = policy.encode_prompts(prompts)
+    latents = noise
+    for t in schedule.timesteps:
+        timesteps = t.repeat(len(latents)).to(latents.device)
+        with autocast():
+            output = policy.predict(latents, timesteps, embeds)
+        latents = ddim_step_with_logprob(schedule, output.float(), timesteps, latents).prev_sample
+    return latents

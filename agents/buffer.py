@@ -1,0 +1,268 @@
+"""The rollout buffer of the denoising MDP, on SB3's ``RolloutBuffer`` interface.
+
+SB3 stores ``(buffer_size, n_envs)`` steps; here ``buffer_size`` is T (the episode length, every episode
+lasts exactly T steps) and ``n_envs`` is the number of trajectories per epoch. The trajectories are filled
+one sample batch (the vector env's N episodes) at a time, so ``add`` advances the step index and, after T
+steps, moves to the next block of N trajectories.
+
+A trajectory's states and actions share latents (the action a_t = x_{t-1} *is* the next state's latent), so
+the T+1 latents x_T, ..., x_0 are stored once: ``latents[i, k]`` is the latent after k steps, the state of
+step k is ``latents[i, k]`` and its action ``latents[i, k + 1]``. Storage is torch, on the training device.
+
+Shapes (n = trajectories, T = steps, C/h/w latent, L/D prompt embedding):
+
+- ``latents`` ``(n, T + 1, C, h, w)``, ``timesteps`` ``(n, T)``, ``log_probs`` ``(n, T)`` (old π),
+- ``rewards`` ``(n, T)`` (0 except the last step), ``returns``/``advantages`` ``(n, T)``,
+- ``prompt_ids`` ``(n,)``, ``prompt_embeds`` ``(n, L, D)``, ``group_ids`` ``(n,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
+from torch import Tensor
+
+# (returns (n,), prompts, group_ids (n,)) -> (μ (n,), σ (n,)): see advantages.AdvantageNormalizer.
+AdvantageFn = Callable[[np.ndarray, Sequence[str], np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class StepBatch:
+    """One training step's data for a minibatch of b trajectories (each at its own timestep).
+
+    Attributes:
+        latents: ``(b, C, h, w)`` x_t.
+        next_latents: ``(b, C, h, w)`` the action taken, x_{t-1}.
+        timesteps: ``(b,)`` t.
+        old_log_probs: ``(b,)`` log π_old(x_{t-1} | x_t, c) recorded at sampling time.
+        advantages: ``(b,)`` A(s_t, a_t).
+        prompt_embeds: ``(b, L, D)``.
+        indices: ``(b,)`` which trajectories; ``step_indices``: ``(b,)`` which step k of each.
+    """
+
+    latents: Tensor
+    next_latents: Tensor
+    timesteps: Tensor
+    old_log_probs: Tensor
+    advantages: Tensor
+    prompt_embeds: Tensor
+    indices: Tensor
+    step_indices: Tensor
+
+    def obs(self) -> dict[str, Tensor]:
+        """The observation dict the policy reads."""
+        return {"latent": self.latents, "timestep": self.timesteps, "prompt_embeds": self.prompt_embeds}
+
+
+@dataclass
+class TrajectoryMinibatch:
+    """b trajectories and, for each, its own random order of the steps to train on.
+
+    Attributes:
+        indices: ``(b,)`` trajectory indices.
+        step_order: ``(b, K)`` step indices k per trajectory (K = timestep_fraction * T).
+    """
+
+    buffer: DenoisingRolloutBuffer
+    indices: Tensor
+    step_order: Tensor
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.step_order.shape[1])
+
+    def step(self, j: int) -> StepBatch:
+        """The j-th training step of every trajectory in the minibatch (different t per trajectory)."""
+        buf, idx, k = self.buffer, self.indices, self.step_order[:, j]
+        return StepBatch(
+            latents=buf.latents[idx, k],
+            next_latents=buf.latents[idx, k + 1],
+            timesteps=buf.timesteps[idx, k],
+            old_log_probs=buf.log_probs[idx, k],
+            advantages=buf.advantages[idx, k],
+            prompt_embeds=buf.prompt_embeds[idx],
+            indices=idx,
+            step_indices=k,
+        )
+
+
+class DenoisingRolloutBuffer(RolloutBuffer):
+    """SB3 ``RolloutBuffer`` for the denoising MDP (torch storage, T + 1 latents per trajectory).
+
+    Args:
+        num_steps: T.
+        num_trajectories: n, trajectories per epoch.
+        latent_shape: ``(C, h, w)``.
+        embed_shape: ``(L, D)`` of a prompt embedding.
+        device: Storage device (the training device).
+        gamma: Discount γ (1 in DDPO).
+        gae_lambda: GAE λ (1 in DDPO; with no value function GAE reduces to discounted returns).
+    """
+
+    def __init__(
+        self,
+        num_steps: int,
+        num_trajectories: int,
+        latent_shape: tuple[int, int, int],
+        embed_shape: tuple[int, int],
+        device: torch.device | str = "cpu",
+        gamma: float = 1.0,
+        gae_lambda: float = 1.0,
+    ) -> None:
+        self.latent_shape = tuple(latent_shape)
+        self.embed_shape = tuple(embed_shape)
+        observation_space = spaces.Box(-np.inf, np.inf, self.latent_shape, np.float32)
+        action_space = spaces.Box(-np.inf, np.inf, self.latent_shape, np.float32)
+        super().__init__(
+            num_steps,
+            observation_space,
+            action_space,
+            device,
+            gae_lambda=gae_lambda,
+            gamma=gamma,
+            n_envs=num_trajectories,
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return self.buffer_size
+
+    @property
+    def num_trajectories(self) -> int:
+        return self.n_envs
+
+    def reset(self) -> None:
+        """Allocate (or clear) the torch storage; called by SB3's ``__init__`` too."""
+        n, steps, dev = self.n_envs, self.buffer_size, self.device
+        self.latents = torch.zeros((n, steps + 1, *self.latent_shape), device=dev)
+        self.timesteps = torch.zeros((n, steps), dtype=torch.int64, device=dev)
+        self.log_probs = torch.zeros((n, steps), device=dev)
+        self.rewards = torch.zeros((n, steps), dtype=torch.float64, device=dev)
+        self.returns = torch.zeros((n, steps), dtype=torch.float64, device=dev)
+        self.advantages = torch.zeros((n, steps), device=dev)
+        self.prompt_embeds = torch.zeros((n, *self.embed_shape), device=dev)
+        self.prompt_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.group_ids = np.zeros(n, dtype=np.int64)
+        self.prompts: list[str] = [""] * n
+        self.infos: list[dict[str, Any]] = []
+        self.block_start = 0  # first trajectory of the sample batch being filled
+        self.pos = 0
+        self.full = False
+        self.generator_ready = False
+
+    def add(  # type: ignore[override]
+        self,
+        obs: dict[str, Any],
+        action: Tensor,
+        reward: np.ndarray | Tensor,
+        episode_start: Any = None,
+        value: Any = None,
+        log_prob: Tensor | None = None,
+    ) -> None:
+        """Record step ``pos`` of the current block of N trajectories.
+
+        Args:
+            obs: The batched observation at this step: ``latent`` ``(N, C, h, w)``, ``timestep`` ``(N,)``,
+                ``prompt`` (N str), ``prompt_id`` ``(N,)``, ``prompt_embeds`` ``(N, L, D)``, optionally
+                ``group_id`` ``(N,)``.
+            action: ``(N, C, h, w)`` x_{t-1}.
+            reward: ``(N,)`` the step's reward (0 until the last step).
+            episode_start, value: Unused (SB3 signature; episodes are aligned and there is no critic).
+            log_prob: ``(N,)`` log π_old(action | obs).
+        """
+        if self.full:
+            raise RuntimeError("the buffer is full: call reset() before adding more steps")
+        if log_prob is None:
+            raise ValueError("DDPO needs the sampling log-probabilities: pass log_prob")
+        num = int(action.shape[0])
+        rows = slice(self.block_start, self.block_start + num)
+        if rows.stop > self.n_envs:
+            raise ValueError(f"adding {num} trajectories overflows the buffer's {self.n_envs}")
+        if self.pos == 0:  # a new block of episodes: its prompts and x_T
+            self.latents[rows, 0] = torch.as_tensor(obs["latent"], device=self.device, dtype=torch.float32)
+            self.prompt_ids[rows] = torch.as_tensor(obs["prompt_id"], device=self.device)
+            self.prompt_embeds[rows] = obs["prompt_embeds"].to(self.device, torch.float32)
+            self.prompts[rows] = list(obs["prompt"])
+            self.group_ids[rows] = np.asarray(obs.get("group_id", np.arange(rows.start, rows.stop)))
+        self.latents[rows, self.pos + 1] = action.to(self.device, torch.float32)
+        self.timesteps[rows, self.pos] = torch.as_tensor(obs["timestep"], device=self.device)
+        self.log_probs[rows, self.pos] = log_prob.to(self.device, torch.float32)
+        self.rewards[rows, self.pos] = torch.as_tensor(reward, device=self.device, dtype=torch.float64)
+        self.pos += 1
+        if self.pos == self.buffer_size:
+            self.pos = 0
+            self.block_start += num
+            self.full = self.block_start == self.n_envs
+
+    @property
+    def final_latents(self) -> Tensor:
+        """``(n, C, h, w)`` x_0 of every trajectory."""
+        return self.latents[:, -1]
+
+    @property
+    def episode_rewards(self) -> Tensor:
+        """``(n,)`` float64 undiscounted episode rewards (the terminal reward r(x_0, c))."""
+        return self.rewards.sum(dim=1)
+
+    def compute_returns_and_advantage(  # type: ignore[override]
+        self, advantage_fn: AdvantageFn, adv_clip_max: float = float("inf")
+    ) -> None:
+        """Returns G_t and advantages A_t for every step (replaces SB3's GAE, which needs a critic).
+
+        With no value function GAE(γ, λ) reduces to the discounted return G_t = Σ_{k≥t} γ^{k-t} r_k (λ then
+        does not matter). Each trajectory's (μ, σ) come from ``advantage_fn`` applied to G at the first
+        step, and A_t = clip((G_t - μ) / σ, ± adv_clip_max). With γ = 1, G_t = r(x_0, c) for every t, so
+        every step's advantage is the trajectory's normalised terminal reward.
+
+        Args:
+            advantage_fn: ``(returns (n,), prompts, group_ids (n,)) -> (μ (n,), σ (n,))``.
+            adv_clip_max: Clip advantages to ± this.
+        """
+        if not self.full:
+            raise RuntimeError(f"the buffer holds {self.block_start}/{self.n_envs} trajectories; fill it first")
+        running = torch.zeros(self.n_envs, dtype=torch.float64, device=self.device)
+        for t in reversed(range(self.buffer_size)):
+            running = self.rewards[:, t] + self.gamma * running
+            self.returns[:, t] = running
+        mean, std = advantage_fn(self.returns[:, 0].cpu().numpy(), self.prompts, self.group_ids)
+        mean_t = torch.as_tensor(mean, device=self.device, dtype=torch.float64)[:, None]
+        std_t = torch.as_tensor(std, device=self.device, dtype=torch.float64)[:, None]
+        self.advantages = ((self.returns - mean_t) / std_t).clamp(-adv_clip_max, adv_clip_max).float()
+        self.generator_ready = True
+
+    def get(  # type: ignore[override]
+        self,
+        batch_size: int | None = None,
+        timestep_fraction: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[TrajectoryMinibatch]:
+        """Shuffled minibatches of trajectories, each with its own random order of timesteps.
+
+        Shuffling happens across samples (a permutation of the trajectories) and across time (an
+        independent permutation of the T steps per trajectory, of which the first
+        ``ceil(timestep_fraction * T)`` are kept), as in the authors' implementation.
+
+        Args:
+            batch_size: Trajectories per minibatch (all by default).
+            timestep_fraction: Fraction of steps trained on.
+            generator: CPU RNG for the permutations (for reproducibility).
+        """
+        if not self.generator_ready:
+            raise RuntimeError("call compute_returns_and_advantage() before get()")
+        n, steps = self.n_envs, self.buffer_size
+        batch_size = batch_size or n
+        num_train_steps = max(1, int(np.ceil(timestep_fraction * steps)))
+        perm = torch.randperm(n, generator=generator)
+        step_order = torch.argsort(torch.rand((n, steps), generator=generator), dim=1)[:, :num_train_steps]
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            yield TrajectoryMinibatch(self, idx.to(self.device), step_order[idx].to(self.device))
+
+    def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> Any:  # pragma: no cover - SB3 hook
+        raise NotImplementedError("DenoisingRolloutBuffer yields TrajectoryMinibatch objects from get()")

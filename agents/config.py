@@ -1,0 +1,471 @@
+"""Configuration of a DDPO/RWR run: one dataclass, presets for the paper's tasks, and strict validation.
+
+Every field carries a docstring (the string literal right below it); :func:`field_docs` reads them so
+that ``diffusion-mdp train --help`` prints the same text. A config comes from, in increasing priority:
+the dataclass defaults, a ``--preset``, a config file (TOML or JSON, flat ``key = value``), and flags.
+:meth:`TrainConfig.validate` checks everything that can be checked before any model is loaded and
+raises :class:`ConfigError` naming the fix.
+
+>>> cfg = TrainConfig(samples_per_epoch=10, sample_batch_size=4)
+>>> try:
+...     cfg.validate()
+... except ConfigError as err:
+...     print(str(err).splitlines()[0])
+invalid config: samples_per_epoch=10 is not a multiple of sample_batch_size=4
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import itertools
+import json
+import os
+import textwrap
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "sparse_rwr")
+ADVANTAGE_MODES = ("per_prompt", "batch", "group")
+MIXED_PRECISION = ("no", "auto", "bf16", "fp16")
+SCHEDULES = ("constant", "linear")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which field and how to fix it."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults follow the paper's DDPO-IS (appendix D.1) where sensible."""
+
+    # --- run -------------------------------------------------------------------------------------
+    name: str = "ddpo"
+    """Run name; outputs go to ``<output_dir>/<name>/``."""
+    output_dir: str = "runs"
+    """Parent folder of run folders."""
+    algorithm: str = "ddpo_is"
+    """One of ddpo_is (PPO-clip, importance sampling), ddpo_sf (REINFORCE), rwr, sparse_rwr."""
+    seed: int = 0
+    """Seed of everything random (prompts, noise, shuffling); a run is reproducible on CPU."""
+    device: str = "cpu"
+    """Torch device for the model and the rollouts."""
+    num_threads: int = 0
+    """torch.set_num_threads value (0: leave torch's default)."""
+
+    # --- the MDP ---------------------------------------------------------------------------------
+    model: str = "tiny-shapes"
+    """Model: 'tiny-shapes' (bundled), a diffusers pipeline folder, or a hub id."""
+    reward: str = "jpeg_compressibility"
+    """Registered reward name (see diffusion_mdp.rewards.available_rewards())."""
+    prompts: str = ""
+    """Training prompt set name or .txt file ('' = the model's default set)."""
+    eval_prompts: str = ""
+    """Held-out prompt set for evaluation ('' = the training prompts)."""
+    num_steps: int = 20
+    """Denoising steps T per trajectory (the paper: 50)."""
+    eta: float = 1.0
+    """DDIM η of the stochastic policy (the paper: 1.0)."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance weight w, used both when sampling and when training (the paper: 5)."""
+
+    # --- sampling --------------------------------------------------------------------------------
+    num_epochs: int = 100
+    """Number of epochs (rounds): each samples samples_per_epoch trajectories then trains on them."""
+    samples_per_epoch: int = 256
+    """Trajectories collected per epoch (the paper: 256)."""
+    sample_batch_size: int = 8
+    """Trajectories denoised together (the vector env's num_envs)."""
+
+    # --- advantages ------------------------------------------------------------------------------
+    advantage_mode: str = "per_prompt"
+    """per_prompt (stat tracking, the paper), batch (batch mean/std) or group (k samples per prompt, GRPO)."""
+    stat_buffer_size: int = 16
+    """per_prompt: how many recent rewards per prompt the tracker keeps."""
+    stat_min_count: int = 16
+    """per_prompt: below this many rewards for a prompt, batch statistics are used instead."""
+    group_size: int = 4
+    """group: samples per prompt (must divide sample_batch_size)."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to ± this."""
+
+    # --- optimisation ----------------------------------------------------------------------------
+    train_batch_size: int = 8
+    """Trajectories per minibatch (each contributes timestep_fraction * T steps)."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches per optimizer step (gradients are always accumulated over a minibatch's timesteps)."""
+    num_inner_epochs: int = 1
+    """Passes over each epoch's samples (DDPO-IS and RWR; DDPO-SF requires 1)."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's timesteps trained on (a random subset per sample)."""
+    learning_rate: float = 3e-4
+    """AdamW learning rate (the paper: 3e-4 with LoRA)."""
+    lr_schedule: str = "constant"
+    """constant or linear (linear decays to lr_end over the run; SB3 LinearSchedule)."""
+    lr_end: float = 0.0
+    """Final learning rate of the linear schedule."""
+    clip_range: float = 1e-4
+    """PPO clip range ε on the per-step ratio (the paper: 1e-4, with mean log-probs)."""
+    clip_range_schedule: str = "constant"
+    """constant or linear (linear decays to clip_range_end)."""
+    clip_range_end: float = 1e-5
+    """Final clip range of the linear schedule."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+    adam_beta1: float = 0.9
+    """AdamW β1."""
+    adam_beta2: float = 0.999
+    """AdamW β2."""
+    adam_weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW ε."""
+    kl_coef: float = 0.0
+    """Coefficient of a KL penalty to the frozen reference (the LoRA adapter disabled); 0 disables."""
+    rwr_beta: float = 1.0
+    """RWR temperature β: weights ∝ exp(r / β) (softmax over the epoch's samples)."""
+    sparse_rwr_percentile: float = 0.9
+    """Sparse RWR: only samples with reward ≥ this quantile of the epoch's rewards are trained on."""
+
+    # --- model adaptation and precision ----------------------------------------------------------
+    use_lora: bool = True
+    """Train a LoRA adapter on the UNet's attention projections (else full fine-tuning)."""
+    lora_rank: int = 4
+    """LoRA rank r."""
+    lora_alpha: float = 4.0
+    """LoRA α (scale α / r)."""
+    mixed_precision: str = "no"
+    """no, bf16, fp16 (CUDA only) or auto (bf16 where supported). Trainable weights stay float32."""
+    channels_last: bool = False
+    """Run the UNet with channels_last memory format."""
+
+    # --- outputs ---------------------------------------------------------------------------------
+    save_every: int = 10
+    """Write a checkpoint every this many epochs (and at the end and on Ctrl-C)."""
+    eval_every: int = 10
+    """Evaluate on the held-out prompts every this many epochs (and before the first and after the last)."""
+    eval_num_samples: int = 16
+    """Images per evaluation (η = 0, fixed seeds: the same noise every time)."""
+    image_every: int = 10
+    """Save a grid of training samples (with prompts and rewards) every this many epochs (0: never)."""
+    log_formats: str = "csv,tensorboard"
+    """SB3 logger outputs, comma separated: stdout, csv, tensorboard, log, json."""
+    progress_bar: bool = True
+    """Show tqdm progress bars."""
+
+    # ---------------------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Check the config; raise :class:`ConfigError` listing every problem with its fix. Returns self."""
+        problems: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        need(self.algorithm in ALGORITHMS, f"algorithm={self.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        need(
+            self.advantage_mode in ADVANTAGE_MODES,
+            f"advantage_mode={self.advantage_mode!r}: choose one of {', '.join(ADVANTAGE_MODES)}",
+        )
+        need(
+            self.mixed_precision in MIXED_PRECISION,
+            f"mixed_precision={self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}",
+        )
+        for key in ("lr_schedule", "clip_range_schedule"):
+            need(getattr(self, key) in SCHEDULES, f"{key}={getattr(self, key)!r}: choose constant or linear")
+        for key in (
+            "num_epochs",
+            "samples_per_epoch",
+            "sample_batch_size",
+            "train_batch_size",
+            "num_steps",
+            "gradient_accumulation_steps",
+            "num_inner_epochs",
+            "stat_buffer_size",
+            "group_size",
+            "lora_rank",
+            "save_every",
+            "eval_every",
+        ):
+            need(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
+        for key in ("stat_min_count", "eval_num_samples", "image_every", "num_threads"):
+            need(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
+        for key in ("learning_rate", "clip_range", "adv_clip_max", "rwr_beta", "lora_alpha"):
+            need(getattr(self, key) > 0, f"{key}={getattr(self, key)} must be > 0")
+        for key in ("lr_end", "clip_range_end", "max_grad_norm", "kl_coef", "adam_weight_decay"):
+            need(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
+        need(self.eta > 0, f"eta={self.eta} must be > 0: the policy must be stochastic to have log-probabilities")
+        need(self.guidance_scale >= 1, f"guidance_scale={self.guidance_scale} must be >= 1 (1 disables guidance)")
+        need(0 < self.timestep_fraction <= 1, f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        need(
+            0 <= self.sparse_rwr_percentile < 1,
+            f"sparse_rwr_percentile={self.sparse_rwr_percentile} must be in [0, 1)",
+        )
+        if self.samples_per_epoch >= 1 and self.sample_batch_size >= 1:
+            need(
+                self.samples_per_epoch % self.sample_batch_size == 0,
+                f"samples_per_epoch={self.samples_per_epoch} is not a multiple of "
+                f"sample_batch_size={self.sample_batch_size}: make it one (e.g. samples_per_epoch="
+                f"{max(1, self.samples_per_epoch // self.sample_batch_size) * self.sample_batch_size})",
+            )
+        if self.samples_per_epoch >= 1 and self.train_batch_size >= 1:
+            need(
+                self.samples_per_epoch % self.train_batch_size == 0,
+                f"train_batch_size={self.train_batch_size} does not divide samples_per_epoch="
+                f"{self.samples_per_epoch}: pick a divisor",
+            )
+            num_minibatches = self.samples_per_epoch // max(1, self.train_batch_size)
+            need(
+                self.gradient_accumulation_steps <= max(1, num_minibatches),
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} exceeds the "
+                f"{num_minibatches} minibatches of an epoch: lower it",
+            )
+        if self.advantage_mode == "group" and self.group_size >= 1:
+            need(
+                self.sample_batch_size % self.group_size == 0 and self.group_size >= 2,
+                f"advantage_mode='group' needs group_size >= 2 dividing sample_batch_size="
+                f"{self.sample_batch_size} (got group_size={self.group_size})",
+            )
+        if self.algorithm == "ddpo_sf":
+            need(
+                self.num_inner_epochs == 1,
+                "ddpo_sf is on-policy (one gradient step per batch of fresh samples): set num_inner_epochs=1 "
+                "or use algorithm=ddpo_is",
+            )
+        need(
+            self.kl_coef == 0 or self.use_lora,
+            "kl_coef > 0 needs use_lora=true: the reference policy is the UNet with its LoRA adapter disabled",
+        )
+        need(
+            self.mixed_precision != "fp16" or self.device.startswith("cuda"),
+            "mixed_precision='fp16' is for CUDA devices; use 'bf16' on CPU",
+        )
+        if self.device.startswith("cuda"):
+            import torch
+
+            need(torch.cuda.is_available(), f"device={self.device!r} but CUDA is not available: use device='cpu'")
+        for fmt in filter(None, (f.strip() for f in self.log_formats.split(","))):
+            need(
+                fmt in ("stdout", "csv", "tensorboard", "log", "json"),
+                f"log_formats: unknown format {fmt!r} (use stdout, csv, tensorboard, log, json)",
+            )
+        need(bool(self.name) and "/" not in self.name, f"name={self.name!r}: give a non-empty name without '/'")
+        self._validate_names(problems)
+        if problems:
+            raise ConfigError("invalid config: " + "\n  ".join(problems))
+        return self
+
+    def _validate_names(self, problems: list[str]) -> None:
+        """Check reward, prompt-set and model names against the registries (cheap: no model is loaded)."""
+        from diffusion_mdp.models import ModelNotAvailableError, resolve_model
+        from diffusion_mdp.prompts import load_prompts
+        from diffusion_mdp.rewards import available_rewards
+
+        rewards = available_rewards()
+        if self.reward not in rewards:
+            problems.append(f"reward={self.reward!r} is not registered; available: {', '.join(rewards)}")
+        for key in ("prompts", "eval_prompts"):
+            value = getattr(self, key)
+            if value:
+                try:
+                    load_prompts(value)
+                except (ValueError, FileNotFoundError, TypeError) as exc:
+                    problems.append(f"{key}: {exc}")
+        try:
+            resolve_model(self.model)
+        except (ModelNotAvailableError, FileNotFoundError) as exc:
+            problems.append(f"model: {exc}")
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        """``<output_dir>/<name>``."""
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (unknown keys raise :class:`ConfigError`)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a flat mapping; unknown keys and wrong types raise :class:`ConfigError`."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        problems = []
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"unknown config key {key!r}{hint}")
+                continue
+            try:
+                kwargs[key] = _coerce(value, known[key].type, key)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("invalid config: " + "\n  ".join(problems))
+        return cls(**kwargs)
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _coerce(value: Any, type_name: Any, key: str) -> Any:
+    """Convert a value from a file or a flag to the field's type, strictly."""
+    kind = _TYPES[type_name if isinstance(type_name, str) else type_name.__name__]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}")
+
+
+def field_docs() -> dict[str, str]:
+    """Field name -> its docstring (the string literal after the field in the class body)."""
+    source = textwrap.dedent(inspect.getsource(TrainConfig))
+    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
+            docs[node.target.id] = str(following.value.value)
+    return docs
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets
+# ------------------------------------------------------------------------------------------------
+_SD14 = {
+    # The paper's Stable Diffusion v1.4 setup (appendix D): 50 steps, η = 1, CFG 5, LoRA, 256 samples per
+    # epoch, per-prompt stat tracking, lr 3e-4, clip 1e-4, 4 minibatches and 4 updates per epoch for IS.
+    "model": "CompVis/stable-diffusion-v1-4",
+    "num_steps": 50,
+    "eta": 1.0,
+    "guidance_scale": 5.0,
+    "use_lora": True,
+    "samples_per_epoch": 256,
+    "sample_batch_size": 8,
+    "train_batch_size": 8,
+    "gradient_accumulation_steps": 8,  # 4 updates of 64 samples each
+    "num_inner_epochs": 1,
+    "advantage_mode": "per_prompt",
+    "stat_buffer_size": 16,
+    "stat_min_count": 16,
+    "learning_rate": 3e-4,
+    "clip_range": 1e-4,
+    "adv_clip_max": 5.0,
+    "num_epochs": 100,
+    "mixed_precision": "auto",
+    "device": "cuda",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "compressibility": {
+        **_SD14,
+        "name": "compressibility",
+        "reward": "jpeg_compressibility",
+        "prompts": "imagenet_animals",
+    },
+    "incompressibility": {
+        **_SD14,
+        "name": "incompressibility",
+        "reward": "jpeg_incompressibility",
+        "prompts": "imagenet_animals",
+    },
+    "aesthetic": {**_SD14, "name": "aesthetic", "reward": "aesthetic_score", "prompts": "simple_animals"},
+    "prompt-alignment": {
+        **_SD14,
+        "name": "prompt-alignment",
+        "reward": "llava_bertscore",
+        "prompts": "animals_activities",
+        "samples_per_epoch": 256,
+    },
+    # The main job: DDPO-IS on the bundled tiny-shapes model, ≤ 10 minutes on 2 CPU cores.
+    "tiny-shapes": {
+        "name": "tiny-shapes",
+        "model": "tiny-shapes",
+        "algorithm": "ddpo_is",
+        "reward": "prompt_alignment",
+        "prompts": "shapes_counting",
+        "eval_prompts": "shapes_heldout",
+        "num_steps": 10,
+        "eta": 1.0,
+        "guidance_scale": 5.0,
+        "num_epochs": 12,
+        "samples_per_epoch": 32,
+        "sample_batch_size": 16,
+        "train_batch_size": 16,
+        "gradient_accumulation_steps": 1,
+        "num_inner_epochs": 1,
+        "timestep_fraction": 1.0,
+        "advantage_mode": "per_prompt",
+        "stat_buffer_size": 32,
+        "stat_min_count": 4,
+        "learning_rate": 3e-4,
+        "clip_range": 1e-4,
+        "use_lora": True,
+        "lora_rank": 4,
+        "lora_alpha": 4.0,
+        "save_every": 2,
+        "eval_every": 4,
+        "eval_num_samples": 16,
+        "image_every": 4,
+        "num_threads": 2,
+    },
+}
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a flat TOML or JSON config file (``[train]`` table or top level)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from exc
+    if "train" in data and isinstance(data["train"], dict):
+        data = data["train"]
+    return dict(data)
+
+
+def build_config(
+    preset: str | None = None, config_file: str | os.PathLike[str] | None = None, **overrides: Any
+) -> TrainConfig:
+    """Defaults < preset < config file < overrides, validated."""
+    values: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; available presets: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if config_file:
+        values.update(load_config_file(config_file))
+    values.update(overrides)
+    return TrainConfig.from_dict(values).validate()
