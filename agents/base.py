@@ -43,7 +43,7 @@ from .visual import plot_rewards, save_grid
 
 CHECKPOINT_FORMAT = 1
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as the paper's LoRA
-_SEED_TAGS = {"env": 0, "noise": 1, "shuffle": 2, "group": 3, "train": 4, "eval": 5}
+_SEED_TAGS = {"env": 0, "noise": 1, "shuffle": 2, "group": 3, "train": 4, "eval": 5, "init": 6}
 
 
 def derived_seed(*keys: int) -> int:
@@ -143,6 +143,11 @@ class DiffusionAgent:
         self.eval_prompts: PromptSet = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else self.train_prompts
         self.policy = DiffusionPolicy.from_env(self.env, guidance_scale=cfg.guidance_scale)
         self.unet = self.policy.unet
+        # Seed the global RNGs before anything draws from them (the LoRA initialisation does): two runs with
+        # the same seed start from the same weights whatever ran before in the process.
+        torch.manual_seed(derived_seed(cfg.seed, _SEED_TAGS["init"]))
+        np.random.seed(derived_seed(cfg.seed, _SEED_TAGS["init"]) % 2**32)
+        random.seed(derived_seed(cfg.seed, _SEED_TAGS["init"]))
         if cfg.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if cfg.use_lora:

@@ -83,9 +83,9 @@ class DDPOIS(DiffusionAgent):
                     if cfg.kl_coef > 0:
                         kl = self.kl_to_reference(step, out).mean()
                         loss = loss + cfg.kl_coef * kl
-                        logs["kl_ref"].append(float(kl))
+                        logs["kl_ref"].append(float(kl.detach()))
                     self.backward(loss * scale)
-                    logs["loss"].append(float(loss))
+                    logs["loss"].append(float(loss.detach()))
                     logs["approx_kl"].append(float(stats["approx_kl"]))
                     logs["clipfrac"].append(float(stats["clipfrac"]))
                     if inner == 0 and mb_index == 0 and j == 0:

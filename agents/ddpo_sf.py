@@ -36,9 +36,9 @@ class DDPOSF(DiffusionAgent):
                 if cfg.kl_coef > 0:
                     kl = self.kl_to_reference(step, out).mean()
                     loss = loss + cfg.kl_coef * kl
-                    kls.append(float(kl))
+                    kls.append(float(kl.detach()))
                 self.backward(loss * scale)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
         grad_norm = self.optimizer_step()
         metrics = {"loss": float(np.mean(losses)), "grad_norm": grad_norm}
         if kls:

@@ -86,7 +86,7 @@ class RWR(DiffusionAgent):
                     per_sample = ((prediction.float() - target) ** 2).mean(dim=(1, 2, 3))
                     loss = (weights[idx] * per_sample).mean()
                     self.backward(loss * scale)
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                 if (mb_index + 1) % cfg.gradient_accumulation_steps == 0 or mb_index == len(minibatches) - 1:
                     grad_norms.append(self.optimizer_step())
         return {

@@ -1,0 +1,371 @@
+"""Tests of the DDPO agents: advantages, PPO loss, stat tracking, smoke runs, exact resume, LoRA export, errors.
+
+Everything runs on a *micro* pipeline (the reference tiny pipeline's structure at 16×16 pixels, latents
+4×8×8) with 3 denoising steps, so that the whole file takes well under a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_mdp.agents import (
+    AdvantageNormalizer,
+    ConfigError,
+    DenoisingRolloutBuffer,
+    PerPromptStatTracker,
+    TrainConfig,
+    group_statistics,
+    make_agent,
+    ppo_clip_loss,
+    resume_config,
+    rwr_weights,
+    sparse_rwr_weights,
+    train,
+)
+from diffusion_mdp.mdp import RewardError
+from diffusion_mdp.rewards import register_reward
+
+
+def build_micro_pipeline(folder: Path) -> Path:
+    """The reference tiny pipeline's architecture, shrunk: 16×16 images, 4×8×8 latents."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusion_mdp.testing import REFERENCE_WORDS, SD_SCHEDULER_CONFIG
+    from diffusion_mdp.tokenizer import build_word_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_word_tokenizer(REFERENCE_WORDS, model_max_length=8)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=4,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_micro_pipeline(tmp_path_factory.mktemp("micro"))
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red circle\ntwo blue squares\nthree green triangles\n")
+    return path
+
+
+def tiny_config(micro: Path, prompt_file: Path, out: Path, **changes: object) -> TrainConfig:
+    values: dict[str, object] = dict(
+        name="t",
+        output_dir=str(out),
+        model=str(micro),
+        prompts=str(prompt_file),
+        reward="jpeg_compressibility",
+        num_steps=3,
+        num_epochs=2,
+        samples_per_epoch=4,
+        sample_batch_size=2,
+        train_batch_size=2,
+        stat_min_count=2,
+        learning_rate=1e-2,  # large, so that two epochs visibly move the weights
+        clip_range=0.2,
+        eval_num_samples=2,
+        eval_every=1,
+        save_every=1,
+        image_every=1,
+        progress_bar=False,
+        log_formats="csv",
+    )
+    values.update(changes)
+    return TrainConfig.from_dict(values)
+
+
+# ------------------------------------------------------------------------------------------------
+# Advantages and losses on hand-made numbers
+# ------------------------------------------------------------------------------------------------
+def _filled_buffer(rewards: np.ndarray, num_steps: int = 4, gamma: float = 1.0) -> DenoisingRolloutBuffer:
+    n = len(rewards)
+    buffer = DenoisingRolloutBuffer(num_steps, n, (1, 2, 2), (3, 5), gamma=gamma)
+    prompts = tuple(f"p{i % 2}" for i in range(n))
+    obs = {
+        "latent": torch.zeros(n, 1, 2, 2),
+        "prompt_id": torch.arange(n),
+        "prompt_embeds": torch.zeros(n, 3, 5),
+        "prompt": prompts,
+    }
+    for k in range(num_steps):
+        obs["timestep"] = torch.full((n,), 900 - 100 * k)
+        step_reward = rewards if k == num_steps - 1 else np.zeros(n)
+        buffer.add(obs, torch.full((n, 1, 2, 2), float(k)), step_reward, log_prob=torch.full((n,), -float(k)))
+    return buffer
+
+
+def test_every_step_advantage_is_the_normalised_terminal_reward() -> None:
+    rewards = np.array([1.0, 4.0, -2.0, 0.5, 3.0])
+    buffer = _filled_buffer(rewards)
+    buffer.compute_returns_and_advantage(AdvantageNormalizer("batch"))
+    expected = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    assert buffer.advantages.shape == (5, 4)
+    for t in range(4):  # γ = λ = 1: the same advantage at every step
+        np.testing.assert_allclose(buffer.advantages[:, t].numpy(), expected, rtol=1e-6)
+    # The T + 1 latents are stored once: state k is latents[:, k], action k is latents[:, k + 1].
+    assert torch.equal(buffer.latents[:, 1:, 0, 0, 0], torch.arange(4.0).expand(5, 4))
+
+
+def test_discount_below_one_changes_earlier_steps() -> None:
+    rewards = np.array([1.0, 2.0])
+    buffer = _filled_buffer(rewards, gamma=0.5)
+    buffer.compute_returns_and_advantage(lambda r, p, g: (np.zeros_like(r), np.ones_like(r)))
+    np.testing.assert_allclose(buffer.returns[:, 0].numpy(), rewards * 0.5**3)
+    np.testing.assert_allclose(buffer.returns[:, -1].numpy(), rewards)
+
+
+def test_advantage_clipping_and_minibatches_cover_every_sample() -> None:
+    rewards = np.array([0.0, 0.0, 0.0, 100.0])
+    buffer = _filled_buffer(rewards)
+    buffer.compute_returns_and_advantage(AdvantageNormalizer("batch"), adv_clip_max=1.5)
+    assert float(buffer.advantages.max()) == pytest.approx(1.5)
+    minibatches = list(buffer.get(2, timestep_fraction=0.5, generator=torch.Generator().manual_seed(0)))
+    assert sorted(torch.cat([mb.indices for mb in minibatches]).tolist()) == [0, 1, 2, 3]
+    step = minibatches[0].step(0)
+    assert minibatches[0].num_timesteps == 2 and step.latents.shape == (2, 1, 2, 2)
+    # x_{t-1} of step k is the stored latent k + 1, and its old log-prob is the one recorded at step k.
+    assert torch.equal(step.next_latents[:, 0, 0, 0], step.step_indices.float())
+    assert torch.equal(step.old_log_probs, -step.step_indices.float())
+
+
+def test_ppo_clip_loss_on_hand_made_numbers() -> None:
+    ratio = torch.tensor([0.5, 1.0, 1.5, 1.5])
+    advantages = torch.tensor([1.0, 2.0, 1.0, -1.0])
+    loss, stats = ppo_clip_loss(torch.log(ratio), torch.zeros(4), advantages, clip_range=0.2)
+    # per sample max(-A r, -A clip(r)):  A=1,r=.5 -> max(-.5,-.8)=-.5; A=2,r=1 -> -2; A=1,r=1.5 -> max(-1.5,-1.2)=-1.2;
+    # A=-1,r=1.5 -> max(1.5, 1.2) = 1.5   => mean = (-.5 - 2 - 1.2 + 1.5) / 4
+    assert float(loss) == pytest.approx((-0.5 - 2.0 - 1.2 + 1.5) / 4)
+    assert float(stats["clipfrac"]) == pytest.approx(0.75)
+    assert float(stats["approx_kl"]) == pytest.approx(0.5 * float((torch.log(ratio) ** 2).mean()))
+    # Gradient: zero where the clipped branch is active (sample 2), -A/4 · r elsewhere.
+    log_probs = torch.log(ratio).requires_grad_(True)
+    ppo_clip_loss(log_probs, torch.zeros(4), advantages, clip_range=0.2)[0].backward()
+    np.testing.assert_allclose(log_probs.grad.numpy(), [-0.5 / 4, -2.0 / 4, 0.0, 1.5 / 4], rtol=1e-6)
+
+
+def test_rwr_weights() -> None:
+    rewards = torch.tensor([0.0, 1.0, 2.0])
+    weights = rwr_weights(rewards, beta=1.0)
+    expected = torch.softmax(rewards, 0) * 3
+    torch.testing.assert_close(weights, expected)
+    assert sparse_rwr_weights(torch.tensor([5.0, 1.0, 3.0, 2.0]), 0.75).tolist() == [4.0, 0.0, 0.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Stat tracker
+# ------------------------------------------------------------------------------------------------
+def test_stat_tracker_per_prompt_min_count_and_state() -> None:
+    tracker = PerPromptStatTracker(buffer_size=3, min_count=2)
+    prompts = ["a", "a", "b"]
+    out = tracker.update(prompts, np.array([1.0, 3.0, 10.0]))
+    batch = np.array([1.0, 3.0, 10.0])
+    # "a" has 2 rewards (>= min_count): its own statistics; "b" has 1: the batch's.
+    np.testing.assert_allclose(out[:2], [-1.0, 1.0], rtol=1e-5)
+    assert out[2] == pytest.approx((10.0 - batch.mean()) / (batch.std() + 1e-6))
+    state = tracker.state_dict()
+    clone = PerPromptStatTracker()
+    clone.load_state_dict(state)
+    nxt = (["a", "b"], np.array([5.0, 12.0]))
+    np.testing.assert_array_equal(tracker.update(*nxt), clone.update(*nxt))
+    # The window keeps the last 3 rewards of "a": [3, 5, 7].
+    tracker.update(["a"], np.array([7.0]))
+    assert list(tracker.stats["a"]) == [3.0, 5.0, 7.0]
+
+
+def test_group_statistics() -> None:
+    mean, std = group_statistics(np.array([0, 0, 1, 1]), np.array([1.0, 3.0, 10.0, 10.0]))
+    np.testing.assert_allclose(mean, [2.0, 2.0, 10.0, 10.0])
+    np.testing.assert_allclose(std, [1.0 + 1e-6, 1.0 + 1e-6, 1e-6, 1e-6])
+
+
+# ------------------------------------------------------------------------------------------------
+# Agents end to end
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["ddpo_is", "ddpo_sf", "rwr", "sparse_rwr"])
+def test_two_epoch_smoke_run(algorithm: str, micro: Path, prompt_file: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(micro, prompt_file, tmp_path, algorithm=algorithm, num_inner_epochs=1, kl_coef=0.1)
+    agent = make_agent(cfg)
+    before = {n: p.detach().clone() for n, p in agent.unet.named_parameters() if p.requires_grad}
+    assert before and all("lora" in n for n in before)  # LoRA by default: only adapter weights train
+    summary = agent.learn()
+    assert len(agent.history) == 2 and summary["epochs"] == 2
+    for metrics in agent.history:
+        assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+    after = dict(agent.unet.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before), "no trainable weight changed"
+    if algorithm == "ddpo_is":
+        # The first minibatch is scored by the policy that sampled it: the ratio is 1.
+        assert agent.history[0]["first_ratio"] == pytest.approx(1.0, abs=1e-4)
+        assert "kl_ref" in agent.history[1]
+    run = tmp_path / "t"
+    for name in ("reward_curve.png", "summary.json", "metrics.jsonl", "images/before.png", "images/after.png"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "last.pt").is_file() and not (run / "checkpoints" / "last.pt.tmp").exists()
+
+
+def test_full_finetuning_and_group_advantages(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        micro,
+        prompt_file,
+        tmp_path,
+        use_lora=False,
+        advantage_mode="group",
+        group_size=2,
+        num_epochs=1,
+        eval_num_samples=0,
+        image_every=0,
+    )
+    agent = make_agent(cfg)
+    n_trainable = sum(p.numel() for p in agent.trainable)
+    assert n_trainable == sum(p.numel() for p in agent.unet.parameters())
+    agent.collect_rollouts(0)
+    prompts = agent.buffer.prompts
+    assert prompts[0] == prompts[1] and prompts[2] == prompts[3]  # k = 2 samples per prompt per batch
+    agent.buffer.compute_returns_and_advantage(agent.normalizer)
+    adv = agent.buffer.advantages[:, 0]
+    assert float(adv[0] + adv[1]) == pytest.approx(0.0, abs=1e-4)  # each group is centred on its own mean
+
+
+def test_resume_equals_uninterrupted(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
+    changes = dict(num_inner_epochs=2, timestep_fraction=0.67, lr_schedule="linear", eval_every=2, image_every=0)
+    straight, _ = train(tiny_config(micro, prompt_file, tmp_path / "a", num_epochs=3, **changes))
+
+    # The same run, "interrupted" during epoch 2 the way Ctrl-C does it: the epoch finishes, a checkpoint is
+    # written, KeyboardInterrupt propagates. Then a fresh agent resumes from the checkpoint.
+    interrupted = make_agent(tiny_config(micro, prompt_file, tmp_path / "b", num_epochs=3, **changes))
+    original = interrupted.train_on_rollouts
+
+    def train_then_stop(epoch: int) -> dict[str, float]:
+        if epoch == 1:
+            interrupted.request_stop()
+        return original(epoch)
+
+    interrupted.train_on_rollouts = train_then_stop  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.learn()
+    assert torch.load(tmp_path / "b" / "t" / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 2
+    with pytest.raises(ConfigError, match="differ"):
+        resume_config(tmp_path / "b" / "t", {"learning_rate": 0.5})
+    resumed, _ = train(resume_config(tmp_path / "b" / "t"), resume=True)
+    assert len(resumed.history) == 3
+    assert resumed.history == straight.history  # every per-epoch metric, bit for bit
+    assert [e["eval_reward_mean"] for e in resumed.eval_history] == [
+        e["eval_reward_mean"] for e in straight.eval_history
+    ]
+    for (name, p), q in zip(straight.unet.named_parameters(), resumed.unet.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_lora_export_round_trip(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    agent, _ = train(tiny_config(micro, prompt_file, tmp_path, num_epochs=1, eval_num_samples=0))
+    pipe = StableDiffusionPipeline.from_pretrained(micro, safety_checker=None)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 500])
+    embeds = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        pipe.load_lora_weights(tmp_path / "t" / "lora")
+        loaded = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+        trained = agent.unet(x, t, encoder_hidden_states=embeds).sample
+    assert not torch.allclose(base, trained, atol=1e-6), "training did not change the UNet's output"
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Failures
+# ------------------------------------------------------------------------------------------------
+def test_bad_configs_fail_before_any_work(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="multiple of sample_batch_size"):
+        tiny_config(micro, prompt_file, tmp_path, samples_per_epoch=5).validate()
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        TrainConfig.from_dict({"learning_rte": 1e-3})
+    with pytest.raises(ConfigError, match="not registered; available"):
+        tiny_config(micro, prompt_file, tmp_path, reward="no_such_reward").validate()
+    with pytest.raises(ConfigError, match="num_inner_epochs=1"):
+        tiny_config(micro, prompt_file, tmp_path, algorithm="ddpo_sf", num_inner_epochs=2).validate()
+    with pytest.raises(ConfigError, match="learning_rate must be a float"):
+        TrainConfig.from_dict({"learning_rate": "fast"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        tiny_config(micro, prompt_file, tmp_path, model=str(tmp_path / "missing")).validate()
+    with pytest.raises(ConfigError):
+        train(tiny_config(micro, prompt_file, tmp_path, clip_range=-1.0))
+    assert not (tmp_path / "t").exists(), "a bad config must fail before creating the run folder"
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        train(tiny_config(micro, prompt_file, tmp_path), resume=True)
+
+
+_CALLS = {"n": 0}
+
+
+@register_reward("_test_nan_on_third_batch")
+def _nan_on_third_batch_factory():
+    def reward(images, prompts, metadata):
+        _CALLS["n"] += 1
+        values = -images.reshape(len(images), -1).mean(axis=1).astype(np.float64)
+        if _CALLS["n"] >= 3:  # epoch 1 has 2 sample batches; the first batch of epoch 2 returns NaN
+            values[0] = np.nan
+        return values, {}
+
+    return reward
+
+
+def test_reward_error_keeps_the_last_checkpoint(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
+    _CALLS["n"] = 0
+    cfg = tiny_config(micro, prompt_file, tmp_path, reward="_test_nan_on_third_batch", num_epochs=3, eval_num_samples=0)
+    with pytest.raises(RewardError, match=r"_test_nan_on_third_batch.*NaN") as info:
+        train(cfg)
+    assert "epoch 2, sample batch 1/2" in str(info.value) and "intact" in str(info.value)
+    state = torch.load(tmp_path / "t" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and len(state["history"]) == 1
