@@ -1,0 +1,7 @@
+"""``python -m diffusion_mdp`` = the ``diffusion-mdp`` command."""
+
+import sys
+
+from diffusion_mdp.cli import main
+
+sys.exit(main())
