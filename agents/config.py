@@ -11,7 +11,7 @@ raises :class:`ConfigError` naming the fix.
 ...     cfg.validate()
 ... except ConfigError as err:
 ...     print(str(err).splitlines()[0])
-invalid config: samples_per_epoch=10 is not a multiple of sample_batch_size=4
+invalid config: samples_per_epoch=10 is not a multiple of sample_batch_size=4: make it one (e.g. samples_per_epoch=8)
 """
 
 from __future__ import annotations
