@@ -467,6 +467,9 @@ class DiffusionAgent:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         self.logger = self._setup_logger()
+        if self.epoch > 0:  # resumed: metrics.jsonl may hold epochs after the checkpoint (a crash); rewrite it
+            lines = [json.dumps(metrics) + "\n" for metrics in self.history]
+            (self.run_dir / "metrics.jsonl").write_text("".join(lines))
         if self.epoch == 0 and not self.eval_history and cfg.eval_num_samples:
             self._evaluate_and_log(0)
         bar = tqdm(
