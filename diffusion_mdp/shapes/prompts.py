@@ -1,0 +1,44 @@
+"""The tiny-shapes prompt sets, registered with :mod:`diffusion_mdp.prompts`.
+
+- ``shapes_train``: every caption the bundled model was trained on (15 colour–shape pairs × counts 1–4).
+- ``shapes_heldout``: the colour–shape pairs never seen in training (3 pairs × counts 1–4), to measure
+  generalisation to unseen compositions.
+- ``shapes_counting``: the training pairs with counts 2–4 only, where counting is the hard part.
+
+Each prompt's metadata is ``{"count": int, "colour": str, "shape": str}``, read by the alignment rewards.
+
+>>> from diffusion_mdp.prompts import load_prompts
+>>> s = load_prompts("shapes_heldout")
+>>> len(s), s.prompts[0], s.metadata[0]
+(12, 'a blue triangle', {'count': 1, 'colour': 'blue', 'shape': 'triangle'})
+>>> len(load_prompts("shapes_train")), len(load_prompts("shapes_counting"))
+(60, 45)
+"""
+
+from __future__ import annotations
+
+from diffusion_mdp.prompts import PromptSet, register_prompt_set
+from diffusion_mdp.shapes.dataset import ALL_COMBOS, HELDOUT_COMBOS, TRAIN_COMBOS, ShapeSpec, all_specs
+
+
+def _prompt_set(specs: list[ShapeSpec], name: str) -> PromptSet:
+    return PromptSet([s.caption for s in specs], [s.as_dict() for s in specs], name=name)
+
+
+@register_prompt_set("shapes_train")
+def shapes_train() -> PromptSet:
+    """Captions of the training distribution (60 prompts)."""
+    return _prompt_set(all_specs(TRAIN_COMBOS), "shapes_train")
+
+
+@register_prompt_set("shapes_heldout")
+def shapes_heldout() -> PromptSet:
+    """Unseen colour–shape pairs (12 prompts)."""
+    heldout = tuple(cs for cs in ALL_COMBOS if cs in HELDOUT_COMBOS)
+    return _prompt_set(all_specs(heldout), "shapes_heldout")
+
+
+@register_prompt_set("shapes_counting")
+def shapes_counting() -> PromptSet:
+    """Training pairs with 2–4 shapes (45 prompts)."""
+    return _prompt_set([s for s in all_specs(TRAIN_COMBOS) if s.count > 1], "shapes_counting")
