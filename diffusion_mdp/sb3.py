@@ -298,11 +298,10 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
         nn.init.zeros_(self.values.weight)
         latent_shape = tuple(action_space.shape)  # type: ignore[arg-type]
         self.action_dist = DDIMGaussianDistribution(latent_shape, diffusion_policy.log_prob_reduction)  # type: ignore[arg-type]
-        trainable = [p for p in self.diffusion.unet.parameters() if p.requires_grad]
-        if value_head == "per_prompt":
-            trainable += list(self.values.parameters())
-        else:
-            self.values.requires_grad_(False)
+        self.values.requires_grad_(value_head == "per_prompt")
+        # The value table is always handed over (a frozen UNet would otherwise leave AdamW with no parameters);
+        # without a value head it gets no gradient and AdamW skips it.
+        trainable = [p for p in self.diffusion.unet.parameters() if p.requires_grad] + list(self.values.parameters())
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _build(self, lr_schedule: Schedule) -> None:
