@@ -62,7 +62,7 @@ class TrainConfig:
     model: str = "tiny-shapes"
     """Model: 'tiny-shapes' (bundled), a diffusers pipeline folder, or a hub id."""
     reward: str = "jpeg_compressibility"
-    """Registered reward name (see diffusion_mdp.rewards.available_rewards())."""
+    """Registered reward name (see diffusion_mdp.rewards.available_rewards()) or a reward server URL http://host:port."""
     prompts: str = ""
     """Training prompt set name or .txt file ('' = the model's default set)."""
     eval_prompts: str = ""
@@ -267,7 +267,7 @@ class TrainConfig:
         from diffusion_mdp.rewards import available_rewards
 
         rewards = available_rewards()
-        if self.reward not in rewards:
+        if self.reward not in rewards and not self.reward.startswith(("http://", "https://")):
             problems.append(f"reward={self.reward!r} is not registered; available: {', '.join(rewards)}")
         for key in ("prompts", "eval_prompts"):
             value = getattr(self, key)
@@ -398,11 +398,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reward": "jpeg_incompressibility",
         "prompts": "imagenet_animals",
     },
-    "aesthetic": {**_SD14, "name": "aesthetic", "reward": "aesthetic_score", "prompts": "simple_animals"},
+    "aesthetic": {**_SD14, "name": "aesthetic", "reward": "aesthetic", "prompts": "simple_animals"},
     "prompt-alignment": {
         **_SD14,
         "name": "prompt-alignment",
-        "reward": "llava_bertscore",
+        "reward": "vlm_prompt_alignment",
         "prompts": "animals_activities",
         "samples_per_epoch": 256,
     },

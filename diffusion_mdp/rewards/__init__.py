@@ -67,7 +67,8 @@ def make_reward(spec: str | RewardFn | Mapping[str, float], **kwargs: Any) -> Re
     """Build a reward from a name, a callable, or a ``{name: weight}`` dict.
 
     Args:
-        spec: A registered name (see :func:`available_rewards`), a callable following :class:`RewardFn`,
+        spec: A registered name (see :func:`available_rewards`), the URL of a reward server
+            (``"http://host:port"``, see ``diffusion_mdp.rewards.server``), a callable following :class:`RewardFn`,
             or a mapping from names to weights whose weighted sum is the reward (each term is also
             reported in ``info`` as ``"<name>"``).
         **kwargs: Passed to the factory of a named reward (e.g. ``device=``).
@@ -79,6 +80,10 @@ def make_reward(spec: str | RewardFn | Mapping[str, float], **kwargs: Any) -> Re
         ValueError: For an unknown name (the message lists the available ones) or an empty dict.
         TypeError: For anything else.
     """
+    if isinstance(spec, str) and spec.startswith(("http://", "https://")):
+        from diffusion_mdp.rewards.server import RemoteReward  # a reward server (python -m ...rewards.server)
+
+        return RemoteReward(spec, **kwargs)
     if isinstance(spec, str):
         _import_builtin_rewards()
         if spec not in _REGISTRY:
@@ -119,7 +124,7 @@ class WeightedSum:
 
 def _import_builtin_rewards() -> None:
     """Import the modules whose ``@register_reward`` decorators fill the registry."""
-    from diffusion_mdp.rewards import jpeg  # noqa: F401
+    from diffusion_mdp.rewards import aesthetic, alignment, jpeg  # noqa: F401
 
     if importlib.util.find_spec("diffusion_mdp.rewards.shapes") is not None:  # tiny-shapes captioner rewards
         importlib.import_module("diffusion_mdp.rewards.shapes")
