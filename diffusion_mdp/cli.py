@@ -93,11 +93,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt as exc:
-        print(
-            f"interrupted: {exc or 'no checkpoint written for the unfinished epoch'}. Continue with: "
-            f"diffusion-mdp train --name {config.name} --output-dir {config.output_dir} --resume",
-            file=sys.stderr,
-        )
+        saved = (config.run_dir / "checkpoints" / "last.pt").is_file()
+        print(f"interrupted: {str(exc) or 'aborted; the unfinished epoch was not saved'}", file=sys.stderr)
+        if saved:
+            print(
+                f"continue with: diffusion-mdp train --name {config.name} --output-dir {config.output_dir} --resume",
+                file=sys.stderr,
+            )
         return 130
     if "eval_before" in summary:
         print(
