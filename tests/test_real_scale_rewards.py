@@ -1,0 +1,403 @@
+"""Real-scale rewards on tiny random models: aesthetic, BERTScore, VLM captions, CLIP score, async and remote.
+
+No weights are downloaded: CLIP, BERT and LLaVA are built from tiny configs here; only the shipped LAION
+head is real.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_mdp.rewards import make_reward
+from diffusion_mdp.rewards.aesthetic import (
+    HEAD_SHA256,
+    AestheticMLP,
+    AestheticScorer,
+    RewardWeightsNotFoundError,
+    clip_preprocess,
+    default_head_path,
+    load_aesthetic_head,
+)
+from diffusion_mdp.rewards.alignment import (
+    BERTScorer,
+    Captioner,
+    CaptionSimilarity,
+    CLIPScore,
+    VLMCaptioner,
+    bertscore_from_embeddings,
+)
+from diffusion_mdp.rewards.executor import AsyncReward
+from diffusion_mdp.rewards.server import RemoteReward, RemoteRewardError, serve
+from diffusion_mdp.tokenizer import build_word_tokenizer
+
+WORDS = "a an the cat dog horse riding playing chess bike is what happening in this image red blue two".split()
+
+
+def images(count: int = 3, size: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = build_word_tokenizer(WORDS, model_max_length=16)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=768,  # the LAION head's input width
+    )
+    torch.manual_seed(0)
+    return CLIPModel(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = tmp_path_factory.mktemp("bert") / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizer(str(vocab))
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    return BertModel(config).eval(), tokenizer
+
+
+# ------------------------------------------------------------------------------------------------
+# Aesthetic
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(512, 512), (64, 64), (300, 500), (100, 50), (224, 224)])
+def test_clip_preprocess_equals_reference_processor(shape):
+    from transformers import CLIPImageProcessor
+
+    batch = np.random.default_rng(1).integers(0, 256, (2, *shape, 3), dtype=np.uint8)
+    reference = CLIPImageProcessor()(images=list(batch), return_tensors="pt").pixel_values
+    ours = clip_preprocess(batch)
+    assert ours.shape == reference.shape == (2, 3, 224, 224)
+    # Bit-exact PIL resampling: only float32 rounding of the normalisation differs.
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
+
+
+def test_shipped_head_is_the_published_file_and_its_arithmetic():
+    import hashlib
+
+    path = default_head_path()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == HEAD_SHA256
+    head = load_aesthetic_head()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    embed = torch.randn(2, 768, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    embed = embed / embed.norm(dim=-1, keepdim=True)
+    # Hand-computed forward: five affine maps, no activation (dropout is off at eval).
+    x = embed.numpy()
+    for index in (0, 2, 4, 6, 7):
+        x = x @ state[f"layers.{index}.weight"].double().numpy().T + state[f"layers.{index}.bias"].double().numpy()
+    ours = head(embed.float()).double().numpy()
+    np.testing.assert_allclose(ours, x[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_aesthetic_scorer_shapes_batching_determinism(tiny_clip):
+    model, _ = tiny_clip
+    scorer = AestheticScorer(model, device="cpu", batch_size=2)
+    batch = images(5)
+    scores, info = scorer(batch, ["p"] * 5, [{}] * 5)
+    assert scores.shape == (5,) and scores.dtype == np.float64 and np.isfinite(scores).all()
+    assert info == {}
+    one_by_one = np.concatenate([scorer(batch[i : i + 1], ["p"], [{}])[0] for i in range(5)])
+    np.testing.assert_allclose(scores, one_by_one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(scores, scorer(batch, ["p"] * 5, [{}] * 5)[0])
+    # The reward is the head applied to the normalised embedding of the preprocessed image.
+    pixels = clip_preprocess(batch, 32)
+    embeds = model.get_image_features(pixel_values=pixels)
+    embeds = embeds if isinstance(embeds, torch.Tensor) else embeds.pooler_output
+    expected = scorer.head(embeds / embeds.norm(dim=-1, keepdim=True)).detach().numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_aesthetic_registered_and_missing_weights_errors(tiny_clip, tmp_path):
+    model, _ = tiny_clip
+    reward = make_reward("aesthetic", clip_model=model, device="cpu")
+    assert reward(images(2), ["a", "b"], [{}, {}])[0].shape == (2,)
+    with pytest.raises(RewardWeightsNotFoundError, match=r"sac\+logos\+ava1-l14-linearMSE\.pth"):
+        load_aesthetic_head(tmp_path / "nope.pth")
+    with pytest.raises(RewardWeightsNotFoundError, match=r"model\.safetensors"):
+        AestheticScorer(str(tmp_path / "no-clip"), device="cpu")
+    with pytest.raises(RewardWeightsNotFoundError, match=r"not-a-real/clip-model.*huggingface-cli download"):
+        AestheticScorer("not-a-real/clip-model", device="cpu")
+    assert isinstance(load_aesthetic_head(), AestheticMLP)
+
+
+# ------------------------------------------------------------------------------------------------
+# BERTScore and captioners
+# ------------------------------------------------------------------------------------------------
+def test_bertscore_analytic_values():
+    # Reference: tokens e0, e1, e2. Candidate: e0 and (e1 + e2)/√2, plus a padded slot that must not count.
+    e = torch.eye(3)
+    ref = e[None]
+    cand = torch.stack([e[0], (e[1] + e[2]) / 2**0.5, torch.tensor([5.0, 5.0, 5.0])])[None]
+    cand_mask = torch.tensor([[True, True, False]])
+    s = bertscore_from_embeddings(cand, ref, cand_mask)
+    r = 1 / 2**0.5
+    # precision: (1 + r)/2; recall: (1 + r + r)/3; f1 = 2PR/(P+R)
+    p_exp, r_exp = (1 + r) / 2, (1 + 2 * r) / 3
+    torch.testing.assert_close(s["precision"], torch.tensor([p_exp]))
+    torch.testing.assert_close(s["recall"], torch.tensor([r_exp]))
+    torch.testing.assert_close(s["f1"], torch.tensor([2 * p_exp * r_exp / (p_exp + r_exp)]))
+    # Scale invariance (cosines) and identical sequences score 1.
+    s2 = bertscore_from_embeddings(3 * ref, ref)
+    assert torch.allclose(s2["f1"], torch.ones(1))
+
+
+def test_bertscorer_matches_manual_computation(tiny_bert):
+    model, tokenizer = tiny_bert
+    scorer = BERTScorer(model, tokenizer, layer=1, device="cpu", batch_size=2)
+    cands, refs = ["a cat riding a bike", "the dog", "a horse"], ["a cat is riding", "the dog", "two red chess"]
+    scores = scorer.score(cands, refs)
+    assert all(v.shape == (3,) for v in scores.values())
+    torch.testing.assert_close(scores["f1"][1], torch.tensor(1.0))  # identical sentences
+    # Manual: layer-1 hidden states without [CLS]/[SEP], greedy max cosine.
+    for i in range(3):
+        hidden = []
+        for text in (cands[i], refs[i]):
+            ids = tokenizer(text, return_tensors="pt")
+            h = model(**ids, output_hidden_states=True).hidden_states[1][0, 1:-1]
+            hidden.append(torch.nn.functional.normalize(h, dim=-1))
+        sim = hidden[0] @ hidden[1].T
+        torch.testing.assert_close(scores["recall"][i], sim.max(0).values.mean(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(scores["precision"][i], sim.max(1).values.mean(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"hidden states 0\.\.2"):
+        BERTScorer(model, tokenizer, layer=3, device="cpu")
+
+
+class FixedCaptioner:
+    def __init__(self, captions: list[str]) -> None:
+        self.captions = captions
+
+    def caption(self, images: np.ndarray) -> list[str]:
+        return self.captions[: len(images)]
+
+
+def test_caption_similarity_takes_any_captioner(tiny_bert):
+    model, tokenizer = tiny_bert
+    captioner = FixedCaptioner(["a cat riding a bike", "a dog playing chess"])
+    assert isinstance(captioner, Captioner)
+    reward = make_reward(
+        "caption_similarity",
+        captioner=captioner,
+        bertscore_model=model,
+        bertscore_tokenizer=tokenizer,
+        bertscore_layer=2,
+        device="cpu",
+    )
+    values, info = reward(images(2), ["a cat riding a bike", "a horse"], [{}, {}])
+    assert values.shape == (2,) and set(info) == {"precision", "recall", "f1"}
+    assert values[0] == pytest.approx(1.0, abs=1e-5) and values[1] < values[0]
+    np.testing.assert_array_equal(values, info["recall"])
+    assert reward.last_captions == captioner.captions
+    # The bundled tiny-shapes captioner plugs into the same interface.
+    from diffusion_mdp.rewards.alignment import tiny_shapes_captioner
+
+    shapes = tiny_shapes_captioner("cpu")
+    assert isinstance(shapes, Captioner)
+    shapes_reward = CaptionSimilarity(shapes, BERTScorer(model, tokenizer, layer=2, device="cpu"))
+    assert shapes_reward(images(2, 32), ["a red circle", "two blue squares"], [{}, {}])[0].shape == (2,)
+
+
+def tiny_llava():
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = build_word_tokenizer([*WORDS, "?"], model_max_length=64)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        image_token_index=image_token,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval(), processor
+
+
+def test_vlm_captioner_and_vlm_prompt_alignment(tiny_bert):
+    model, processor = tiny_llava()
+    captioner = VLMCaptioner(model, processor, max_new_tokens=4, device="cpu", batch_size=2)
+    assert captioner.prompt == "USER: <image>\nWhat is happening in this image? ASSISTANT:"
+    batch = images(3, 32)
+    captions = captioner.caption(batch)
+    assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+    assert captioner.caption(batch) == captions  # greedy: deterministic
+    assert [captioner.caption(batch[i : i + 1])[0] for i in range(3)] == captions  # batching does not matter
+    bert, tokenizer = tiny_bert
+    reward = make_reward(
+        "vlm_prompt_alignment",
+        vlm=model,
+        vlm_processor=processor,
+        max_new_tokens=4,
+        bertscore_model=bert,
+        bertscore_tokenizer=tokenizer,
+        bertscore_layer=2,
+        device="cpu",
+    )
+    values, _ = reward(batch, ["a cat riding a bike"] * 3, [{}] * 3)
+    assert values.shape == (3,) and np.isfinite(values).all()
+
+
+def test_clip_score(tiny_clip):
+    model, tokenizer = tiny_clip
+    reward = make_reward("clip_score", clip_model=model, tokenizer=tokenizer, device="cpu")
+    batch = images(2)
+    values, info = reward(batch, ["a cat", "a red dog"], [{}, {}])
+    assert values.shape == (2,)
+    np.testing.assert_allclose(values, 100 * info["cosine"])
+    assert np.all(np.abs(info["cosine"]) <= 1 + 1e-6)
+    raw = CLIPScore(model, tokenizer, scale=1.0, device="cpu")(batch, ["a cat", "a red dog"], [{}, {}])[0]
+    np.testing.assert_allclose(raw, info["cosine"], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Execution: background executor and the HTTP server (loopback only)
+# ------------------------------------------------------------------------------------------------
+def test_async_reward_overlaps_and_matches():
+    started, release = threading.Event(), threading.Event()
+
+    def slow(imgs, prompts, metadata):
+        started.set()
+        assert release.wait(5)
+        return imgs.reshape(len(imgs), -1).mean(1).astype(np.float64), {}
+
+    batch = images(2, 8)
+    with AsyncReward(slow) as scorer:
+        future = scorer.submit(batch, ["a", "b"], [{}, {}])
+        assert started.wait(5) and not future.done()  # running in the background while we "sample"
+        batch[:] = 0  # the caller may reuse its buffer: the reward got a copy
+        release.set()
+        values, _ = future.result(timeout=5)
+    np.testing.assert_allclose(values, images(2, 8).reshape(2, -1).mean(1))
+
+
+@pytest.fixture()
+def reward_server():
+    servers = []
+
+    def start(reward):
+        server = serve(reward, "127.0.0.1", 0)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append(server)
+        host, port = server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_reward_equals_local(reward_server):
+    url = reward_server("jpeg_compressibility")
+    remote = make_reward(url, timeout=10, retries=0)
+    assert isinstance(remote, RemoteReward) and remote.health()["status"] == "ok"
+    batch = images(3, 32)
+    local_values, local_info = make_reward("jpeg_compressibility")(batch, ["a"] * 3, [{}] * 3)
+    values, info = remote(batch, ["a"] * 3, [{"k": 1}] * 3)
+    np.testing.assert_array_equal(values, local_values)
+    assert set(info) == set(local_info)
+
+
+def test_remote_reward_failures_are_clear(reward_server):
+    def broken(imgs, prompts, metadata):
+        raise RuntimeError("model exploded")
+
+    url = reward_server(broken)
+    with pytest.raises(RemoteRewardError, match=r"failed after 2 attempt\(s\).*HTTP 500.*model exploded") as err:
+        RemoteReward(url, timeout=5, retries=1, backoff=0.01)(images(1, 8), ["a"], [{}])
+    assert url in str(err.value)
+    # Nothing listens on this port (a freshly closed server's): connection refused, every attempt named.
+    dead = serve("jpeg_compressibility", "127.0.0.1", 0)
+    port = dead.server_address[1]
+    dead.server_close()
+    dead_url = f"http://127.0.0.1:{port}"
+    with pytest.raises(RemoteRewardError, match=r"failed after 3 attempt\(s\)") as err:
+        RemoteReward(dead_url, timeout=2, retries=2, backoff=0.01)(images(1, 8), ["a"], [{}])
+    assert dead_url in str(err.value) and "attempt 3" in str(err.value)
+
+
+def test_remote_reward_failure_in_env_is_a_reward_error(reward_server, reference_pipeline: Path):
+    import gymnasium as gym
+
+    from diffusion_mdp.mdp import RewardError
+
+    def broken(imgs, prompts, metadata):
+        raise RuntimeError("out of memory")
+
+    url = reward_server(broken)
+    env = gym.make_vec(
+        "DenoisingMDP-v0",
+        num_envs=2,
+        model=str(reference_pipeline),
+        prompts=["a red circle"],
+        num_steps=1,
+        reward=url,
+        reward_kwargs={"retries": 0, "timeout": 5},
+    )
+    env.reset(seed=0)
+    with pytest.raises(RewardError, match=url):
+        env.step(np.zeros((2, 4, 32, 32), np.float32))
