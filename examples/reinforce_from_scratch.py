@@ -34,7 +34,9 @@ from diffusion_mdp.viz import image_grid
 
 
 @torch.no_grad()
-def evaluate(policy: DiffusionPolicy, env: gym.vector.VectorEnv, num_batches: int, seed: int) -> tuple[np.ndarray, list]:
+def evaluate(
+    policy: DiffusionPolicy, env: gym.vector.VectorEnv, num_batches: int, seed: int
+) -> tuple[np.ndarray, list]:
     """Mean-comparable evaluation: fixed env seeds and a fixed policy generator (same noise before and after).
 
     Every prompt of the env's set is used equally often (``prompt_ids`` = 0, 1, ..., N-1).

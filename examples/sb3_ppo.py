@@ -36,7 +36,9 @@ from diffusion_mdp.viz import image_grid
 
 
 @torch.no_grad()
-def evaluate(policy: DiffusionPolicy, env: gym.vector.VectorEnv, num_batches: int, seed: int) -> tuple[np.ndarray, list]:
+def evaluate(
+    policy: DiffusionPolicy, env: gym.vector.VectorEnv, num_batches: int, seed: int
+) -> tuple[np.ndarray, list]:
     """Fixed env seeds and a fixed policy generator (the same noise before and after training).
 
     Every prompt of the env's set is used equally often. Returns ``(num_batches * N,)`` rewards and the first
@@ -70,7 +72,9 @@ class RewardPrinter(BaseCallback):
         env: DenoisingSB3VecEnv = self.training_env  # type: ignore[assignment]
         if env.last_raw_rewards is not None:
             self.history.append(float(env.last_raw_rewards.mean()))
-            print(f"rollout {len(self.history):3d}  reward {self.history[-1]:.4f}  {time.perf_counter() - self.t0:.0f}s")
+            print(
+                f"rollout {len(self.history):3d}  reward {self.history[-1]:.4f}  {time.perf_counter() - self.t0:.0f}s"
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -83,7 +83,7 @@ def test_ppo_advantages_are_the_terminal_reward(reference_components: Any, value
     )
     baseline = torch.tensor([0.1, 0.2, 0.3])
     model.policy.values.weight.data[:, 0] = baseline
-    total, callback = model._setup_learn(18, None)
+    _, callback = model._setup_learn(18, None)
     terminal_rewards = []
     original_step_wait = env.step_wait
 
