@@ -21,10 +21,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # figures go to files; no display needed
-import gymnasium as gym  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import gymnasium as gym
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
 _parser = argparse.ArgumentParser(add_help=False)
 _parser.add_argument("--smoke", action="store_true")
