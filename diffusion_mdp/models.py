@@ -7,6 +7,10 @@ policy needs the UNet and the text encoder. :func:`load_components` loads all of
 - a local folder laid out as a diffusers Stable Diffusion pipeline (``model_index.json``, ``unet/``, ...);
 - a Hugging Face hub id (``"CompVis/stable-diffusion-v1-4"``), from the local cache first, then the hub.
 
+Stable Diffusion XL pipelines (``model_index.json`` naming ``StableDiffusionXLPipeline``, or a
+``text_encoder_2/`` folder) also load their second text encoder and tokenizer; the policy then feeds the
+UNet the concatenated prompt embeddings, the pooled embedding and the size "time ids", as diffusers does.
+
 Nothing is downloaded silently when offline: a missing model raises :class:`ModelNotAvailableError` with
 the model id and how to make it available.
 """
@@ -51,6 +55,14 @@ class DiffusionComponents:
     source: str
     default_prompts: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether this is an SDXL pipeline (two text encoders, pooled embeddings and time ids)."""
+        return self.text_encoder_2 is not None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -68,8 +80,9 @@ class DiffusionComponents:
 
     def to(self, device: torch.device | str) -> DiffusionComponents:
         """Move every module to ``device`` (in place) and return self."""
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device)
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.to(device)
         return self
 
 
@@ -96,7 +109,7 @@ def resolve_model(model: str | os.PathLike[str] | None) -> tuple[str | Path, boo
         if missing:
             raise FileNotFoundError(
                 f"{path} is not a diffusers Stable Diffusion pipeline folder: missing {', '.join(missing)}. "
-                "Save one with `StableDiffusionPipeline.save_pretrained(folder)`."
+                "Save one with `StableDiffusionPipeline.save_pretrained(folder)` (SDXL: StableDiffusionXLPipeline)."
             )
         return path, True
     return os.fspath(model), False
@@ -140,17 +153,74 @@ def load_components(
             f"could not load {subfolder}/ of model {location!r}: it is not in the local Hugging Face cache "
             f"and the hub is unreachable ({type(error).__name__}). On a machine with access run "
             f"`huggingface-cli download {location}` and copy the cache (~/.cache/huggingface), or "
-            "pass model=<local folder saved with StableDiffusionPipeline.save_pretrained>."
+            "pass model=<local folder saved with StableDiffusionPipeline.save_pretrained> (or "
+            "StableDiffusionXLPipeline.save_pretrained for SDXL)."
         ) from error
 
     dtype_kw = {"torch_dtype": torch_dtype}
+    index = load_model_index(location, is_local)
+    sdxl = "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index
     unet = load(UNet2DConditionModel, "unet", **dtype_kw)
     vae = load(AutoencoderKL, "vae", **dtype_kw)
     text_encoder = load(CLIPTextModel, "text_encoder", dtype=torch_dtype)
     tokenizer = load(CLIPTokenizer, "tokenizer")
     scheduler = load(DDIMScheduler, "scheduler")
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False).eval()
+    # SDXL ships an EulerDiscreteScheduler config; read as DDIM, keys it lacks would take DDIM's defaults
+    # (clip_sample=True, set_alpha_to_one=True), which SD-family models were never trained with.
+    raw_scheduler = scheduler_config_keys(location, is_local)
+    fixes = {k: False for k in ("clip_sample", "set_alpha_to_one") if k not in raw_scheduler}
+    if fixes:
+        scheduler = DDIMScheduler.from_config({**scheduler.config, **fixes})
+    text_encoder_2 = tokenizer_2 = None
+    if sdxl:
+        from transformers import CLIPTextModelWithProjection
+
+        text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2", dtype=torch_dtype)
+        tokenizer_2 = load(CLIPTokenizer, "tokenizer_2")
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval()
     source = BUNDLED_MODEL if model is None or model == BUNDLED_MODEL else os.fspath(model)
     default_prompts = "shapes_train" if source == BUNDLED_MODEL else None
-    return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler, source, default_prompts).to(device)
+    return DiffusionComponents(
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        source,
+        default_prompts,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)),
+    ).to(device)
+
+
+def _read_json(location: str | Path, filename: str, is_local: bool) -> dict[str, Any] | None:
+    """A JSON file of a pipeline folder or a hub repository (cache first, then the hub); None if unavailable."""
+    import json
+
+    if is_local:
+        path = Path(location) / filename
+        return json.loads(path.read_text()) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+
+    for local_only in (True, False):
+        try:
+            path = hf_hub_download(os.fspath(location), filename, local_files_only=local_only)
+        except Exception:  # missing file, offline, gated repository: the component loads report it clearly
+            continue
+        return json.loads(Path(path).read_text())
+    return None
+
+
+def load_model_index(location: str | Path, is_local: bool) -> dict[str, Any]:
+    """The pipeline's ``model_index.json`` (empty when unavailable: the component loads then raise clearly)."""
+    return _read_json(location, "model_index.json", is_local) or {}
+
+
+def scheduler_config_keys(location: str | Path, is_local: bool) -> dict[str, Any]:
+    """The raw ``scheduler/scheduler_config.json`` (to tell keys it sets from DDIM's defaults)."""
+    config = _read_json(location, "scheduler/scheduler_config.json", is_local)
+    # Unreadable: assume the keys are set (keep what the DDIM scheduler loaded).
+    return config if config is not None else {"clip_sample": None, "set_alpha_to_one": None}

@@ -10,6 +10,15 @@ Observations are dicts as the environments return them, batched:
 - ``latent``: ``(B, C, h, w)`` x_t (torch tensor or NumPy array),
 - ``timestep``: ``(B,)`` t (may differ across the batch: training minibatches mix timesteps),
 - ``prompt``: ``B`` strings c, or ``prompt_embeds``: ``(B, L, D)`` already encoded prompts.
+
+Stable Diffusion XL: the UNet also takes the second text encoder's pooled embedding (``text_embeds``) and
+six "time ids" (original size, crop corner, target size) through ``added_cond_kwargs``. To keep one tensor
+per prompt everywhere (observations, the rollout buffer, checkpoints), an SDXL prompt embedding is *packed*
+as ``(B, L + 1, D)``: rows ``:L`` are the concatenated penultimate hidden states of both encoders (what
+diffusers' ``encode_prompt`` returns), row ``L`` holds the pooled embedding zero-padded to width D.
+:meth:`DiffusionPolicy.predict` unpacks it; the time ids are the image size with no crop, as the pipeline's
+defaults. With ``force_zeros_for_empty_prompt`` (SDXL base), the unconditional branch of classifier-free
+guidance uses all-zero embeddings, as diffusers does.
 """
 
 from __future__ import annotations
@@ -68,6 +77,13 @@ class DiffusionPolicy(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.log_prob_reduction: LogProbReduction = log_prob_reduction
         self._prompt_cache: dict[str, Tensor] = {}
+        self.is_sdxl = bool(getattr(components, "is_sdxl", False))
+        if self.is_sdxl:
+            self._frozen["text_encoder_2"] = components.text_encoder_2
+            self.tokenizer_2 = components.tokenizer_2
+            height, width = components.image_size
+            # original_size + crops_coords_top_left + target_size, as StableDiffusionXLPipeline's defaults
+            self.add_time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
 
     @classmethod
     def from_env(cls, env: Any, **kwargs: Any) -> DiffusionPolicy:
@@ -88,20 +104,61 @@ class DiffusionPolicy(nn.Module):
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """CLIP embeddings of prompts, ``(B, L, D)``, cached per prompt string (the encoder is frozen)."""
+        """Prompt embeddings, ``(B, L, D)`` (SDXL: packed ``(B, L + 1, D)``), cached per prompt (frozen encoders)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            tokens = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.text_encoder.device)
-            embeds = self.text_encoder(tokens)[0]
+            embeds = self._encode_sdxl(missing) if self.is_sdxl else self._encode(missing)
             for prompt, embed in zip(missing, embeds, strict=True):
                 self._prompt_cache[prompt] = embed
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
+
+    def _encode(self, prompts: list[str]) -> Tensor:
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(tokens)[0]
+
+    def _encode_sdxl(self, prompts: list[str]) -> Tensor:
+        """diffusers' SDXL ``encode_prompt`` (no clip skip), packed: ``(B, L + 1, D)``."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            tokens = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(encoder.device)
+            out = encoder(tokens, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # SDXL reads the penultimate layer of both encoders
+            pooled = out[0] if out[0].ndim == 2 else pooled  # the projected pooled output of the last encoder
+        embeds = torch.cat(hidden, dim=-1)
+        if pooled is None:
+            raise ValueError("SDXL needs text_encoder_2 to be a CLIPTextModelWithProjection (pooled output)")
+        if pooled.shape[-1] > embeds.shape[-1]:
+            raise ValueError(f"pooled width {pooled.shape[-1]} exceeds the embedding width {embeds.shape[-1]}")
+        pooled_row = embeds.new_zeros((len(prompts), 1, embeds.shape[-1]))
+        pooled_row[:, 0, : pooled.shape[-1]] = pooled
+        return torch.cat([embeds, pooled_row], dim=1)
+
+    def unpack_sdxl(self, prompt_embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """Packed SDXL embeddings ``(B, L + 1, D)`` -> ``(encoder_hidden_states (B, L, D), pooled (B, P))``."""
+        pooled_dim = int(self.text_encoder_2.config.projection_dim)
+        return prompt_embeds[:, :-1], prompt_embeds[:, -1, :pooled_dim]
+
+    def unconditional_embeds(self, like: Tensor) -> Tensor:
+        """The unconditional branch's embeddings, shaped like ``like`` ``(B, L, D)``."""
+        if self.is_sdxl and self.components.force_zeros_for_empty_prompt:
+            return torch.zeros_like(like)
+        return self.encode_prompts([""]).expand_as(like)
+
+    @property
+    def text_encoder_2(self) -> nn.Module | None:
+        return self._frozen.get("text_encoder_2")
 
     def clear_prompt_cache(self) -> None:
         """Forget cached embeddings (after changing the text encoder)."""
@@ -124,15 +181,22 @@ class DiffusionPolicy(nn.Module):
             ``(B, C, h, w)``.
         """
         if self.guidance_scale == 1.0:
-            return self.unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
-        uncond = self.encode_prompts([""]).expand_as(prompt_embeds)
-        output = self.unet(
-            torch.cat([latents, latents]),
-            torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([uncond, prompt_embeds]),
-        ).sample
+            return self._unet(latents, timesteps, prompt_embeds)
+        uncond = self.unconditional_embeds(prompt_embeds)
+        output = self._unet(
+            torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([uncond, prompt_embeds])
+        )
         output_uncond, output_cond = output.chunk(2)
         return output_uncond + self.guidance_scale * (output_cond - output_uncond)
+
+    def _unet(self, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor) -> Tensor:
+        """One UNet call; for SDXL, with the pooled embeddings and time ids as ``added_cond_kwargs``."""
+        if not self.is_sdxl:
+            return self.unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+        hidden, pooled = self.unpack_sdxl(prompt_embeds)
+        time_ids = self.add_time_ids.to(device=latents.device, dtype=hidden.dtype).expand(len(latents), -1)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        return self.unet(latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
     def forward(
         self,

@@ -17,6 +17,7 @@ for quality.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -110,4 +111,94 @@ def build_reference_tiny_pipeline(
     )
     path = Path(save_directory)
     pipeline.save_pretrained(path)
+    return path
+
+
+def build_reference_tiny_sdxl_pipeline(save_directory: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Build a tiny pipeline with Stable Diffusion XL's structure and save it as a diffusers folder.
+
+    What makes it SDXL: two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, whose
+    penultimate hidden states are concatenated: cross-attention width 32 + 32 = 64), the second encoder's
+    pooled projection (width 32) and the six size/crop "time ids" fed to the UNet's ``text_time`` additional
+    embedding (``addition_time_embed_dim=8``: 6 · 8 + 32 = 80 inputs), SDXL's scheduler config (an
+    ``EulerDiscreteScheduler`` with ``timestep_spacing="leading"``, which the MDP reads as DDIM), and
+    ``force_zeros_for_empty_prompt=True``. Images 64×64, latents 4×32×32, random weights.
+
+    Returns:
+        The folder, loadable with ``load_components`` or ``StableDiffusionXLPipeline.from_pretrained``.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(REFERENCE_WORDS, model_max_length=16)
+    tokenizer_2 = build_word_tokenizer(REFERENCE_WORDS, model_max_length=16)
+
+    def text_config(**extra: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **extra,
+        )
+
+    text_encoder = CLIPTextModel(text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(projection_dim=32))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,  # SDXL's VAE scaling
+    )
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        transformer_layers_per_block=(1, 1),
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        **{k: v for k, v in SD_SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "clip_sample")},
+        timestep_spacing="leading",
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    path = Path(save_directory)
+    pipeline.save_pretrained(path)
+    # SDXL base's published scheduler_config.json also carries DDIM's keys (clip_sample, set_alpha_to_one:
+    # false), which EulerDiscreteScheduler does not save: add them as the real file has them.
+    config_path = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+    config_path.write_text(json.dumps(config, indent=2))
     return path
