@@ -374,7 +374,13 @@ def diffusion_policy_kwargs(
             add_lora(policy.unet, lora_rank, float(lora_rank))
         else:
             policy.unet.requires_grad_(True)
-    return {"diffusion_policy": policy, "prompts": env.prompts, "value_head": value_head}
+    # AdamW with DDPO's weight decay (torch's default, 1e-2, would pull the LoRA towards 0 a hundred times harder).
+    return {
+        "diffusion_policy": policy,
+        "prompts": env.prompts,
+        "value_head": value_head,
+        "optimizer_kwargs": {"weight_decay": 1e-4, "eps": 1e-8},
+    }
 
 
 def ddpo_ppo_kwargs(env: DenoisingSB3VecEnv, batch_size: int | None = None, **overrides: Any) -> dict[str, Any]:
