@@ -32,13 +32,14 @@ from torch import Tensor
 
 import diffusion_mdp  # noqa: F401  (registers DenoisingMDP-v0)
 from diffusion_mdp.ddim import DDIMSchedule, ddim_step_with_logprob
+from diffusion_mdp.distributed import Distributed, sync_rollout_buffer
 from diffusion_mdp.mdp import RewardError, decode_latents
 from diffusion_mdp.policy import DiffusionPolicy
 from diffusion_mdp.prompts import PromptSet, load_prompts
 
 from .advantages import AdvantageNormalizer
 from .buffer import DenoisingRolloutBuffer, StepBatch
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .visual import plot_rewards, save_grid
 
 CHECKPOINT_FORMAT = 1
@@ -119,7 +120,10 @@ class DiffusionAgent:
         self.config = cfg = config.validate()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.device = torch.device(cfg.device)
+        # Multi-process (accelerate launch / torchrun): inert with one process; see diffusion_mdp.distributed.
+        self.dist = Distributed.from_environment(cfg.device)
+        self._check_world_size()
+        self.device = self.dist.device(cfg.device)
         self.run_dir = cfg.run_dir
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
 
@@ -132,7 +136,7 @@ class DiffusionAgent:
             prompts=cfg.prompts or None,
             num_steps=cfg.num_steps,
             eta=cfg.eta,
-            device=cfg.device,
+            device=str(self.device),
             torch_obs=True,
             autoreset_mode="Disabled",
             components=components,
@@ -155,6 +159,7 @@ class DiffusionAgent:
         else:
             self.unet.requires_grad_(True)
         self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
+        self.dist.broadcast_parameters(self.trainable)  # identical adapters everywhere (they are seeded alike too)
         self.autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, self.device)
         self.optimizer = torch.optim.AdamW(
             self.trainable,
@@ -178,6 +183,8 @@ class DiffusionAgent:
         self.buffer = DenoisingRolloutBuffer(
             cfg.num_steps, cfg.samples_per_epoch, self.components.latent_shape, embed_shape, self.device
         )
+        if self.dist.enabled:
+            self.buffer.shard = self.dist.shard
         self.epoch = 0  # completed epochs
         self.global_step = 0  # optimizer steps
         self.history: list[dict[str, Any]] = []
@@ -185,6 +192,21 @@ class DiffusionAgent:
         self.logger: Logger | None = None
         self._stop_requested = False
         self.last_images: tuple[np.ndarray, list[str], np.ndarray] | None = None
+
+    def _check_world_size(self) -> None:
+        """Multi-process runs split sample batches and minibatches evenly; say which setting to change."""
+        cfg, world = self.config, self.dist.world_size
+        num_batches = cfg.samples_per_epoch // cfg.sample_batch_size
+        problems = []
+        if num_batches % world:
+            problems.append(
+                f"samples_per_epoch / sample_batch_size = {num_batches} sample batches cannot be split over {world} "
+                f"processes: make it a multiple of {world}"
+            )
+        if cfg.train_batch_size % world:
+            problems.append(f"train_batch_size={cfg.train_batch_size} must be a multiple of the {world} processes")
+        if problems:
+            raise ConfigError("invalid config for a multi-process run: " + "; ".join(problems))
 
     # ------------------------------------------------------------------------------------------
     # Hooks for algorithms
@@ -233,7 +255,8 @@ class DiffusionAgent:
         self.scaler.scale(loss).backward()
 
     def optimizer_step(self) -> float:
-        """Unscale, clip the gradient norm, step AdamW, zero the gradients; returns the pre-clip norm."""
+        """All-reduce (multi-process), unscale, clip the gradient norm, step AdamW, zero; returns the pre-clip norm."""
+        self.dist.all_reduce_grads(self.trainable)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
@@ -260,7 +283,7 @@ class DiffusionAgent:
         buffer.reset()
         num_batches = cfg.samples_per_epoch // cfg.sample_batch_size
         images, prompts = [], []
-        for b in range(num_batches):
+        for b in self.dist.local_batches(num_batches):  # all of them with one process
             options = None
             group_ids = np.arange(b * cfg.sample_batch_size, (b + 1) * cfg.sample_batch_size)
             if cfg.advantage_mode == "group":
@@ -284,13 +307,20 @@ class DiffusionAgent:
                         f"epoch {epoch + 1}, sample batch {b + 1}/{num_batches}: {exc}. Nothing of this epoch was "
                         f"saved; the last checkpoint ({self._checkpoint_note()}) is intact."
                     ) from exc
-                buffer.add(obs, actions, rewards, log_prob=log_probs)
+                buffer.add(obs, actions, rewards, log_prob=log_probs, block_start=b * cfg.sample_batch_size)
                 next_obs["prompt_embeds"], next_obs["group_id"] = obs["prompt_embeds"], group_ids
                 obs = next_obs
             images.append(info["image"])
             prompts.extend(info["prompt"])
         rewards = buffer.episode_rewards.cpu().numpy()
-        self.last_images = (np.concatenate(images), prompts, rewards)
+        if self.dist.enabled:  # every process gets the whole epoch: global rewards, prompts, advantages
+            size = cfg.sample_batch_size
+            rows = [r for b in self.dist.local_batches(num_batches) for r in range(b * size, (b + 1) * size)]
+            sync_rollout_buffer(self.dist, buffer, rows)
+            self.last_images = (np.concatenate(images), prompts, rewards[rows])  # this process's own samples
+            rewards = buffer.episode_rewards.cpu().numpy()
+        else:
+            self.last_images = (np.concatenate(images), prompts, rewards)
         return {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
@@ -464,20 +494,22 @@ class DiffusionAgent:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        self.logger = self._setup_logger()
-        if self.epoch > 0:  # resumed: metrics.jsonl may hold epochs after the checkpoint (a crash); rewrite it
+        main = self.dist.is_main  # multi-process: only the main process writes logs, images and checkpoints
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            self.logger = self._setup_logger()
+        if self.epoch > 0 and main:  # resumed: metrics.jsonl may hold epochs after the checkpoint (a crash): rewrite
             lines = [json.dumps(metrics) + "\n" for metrics in self.history]
             (self.run_dir / "metrics.jsonl").write_text("".join(lines))
-        if self.epoch == 0 and not self.eval_history and cfg.eval_num_samples:
+        if self.epoch == 0 and not self.eval_history and cfg.eval_num_samples and main:
             self._evaluate_and_log(0)
         bar = tqdm(
             range(self.epoch, cfg.num_epochs),
             initial=self.epoch,
             total=cfg.num_epochs,
             desc=f"{self.algorithm} {cfg.name}",
-            disable=not cfg.progress_bar,
+            disable=not (cfg.progress_bar and main),
         )
         with self._interrupt_handler():
             for epoch in bar:
@@ -494,9 +526,16 @@ class DiffusionAgent:
                 self.epoch = epoch + 1
                 self.history.append(metrics)
                 timing = {"time/sampling_s": t1 - t0, "time/training_s": t2 - t1}
+                done = self.epoch == cfg.num_epochs
+                if self.dist.enabled:  # stop together (Ctrl-C reaches the processes at different moments)
+                    flag = torch.tensor([float(self._stop_requested)], device=self.device)
+                    self._stop_requested = bool(self.dist.all_reduce_sum_(flag).item() > 0)
+                if not main:
+                    if self._stop_requested:
+                        raise KeyboardInterrupt(f"stopped after epoch {self.epoch} (rank {self.dist.rank})")
+                    continue
                 self._log(metrics, timing)
                 bar.write(self._metrics_line(metrics, timing))
-                done = self.epoch == cfg.num_epochs
                 if cfg.image_every and (self.epoch % cfg.image_every == 0 or done) and self.last_images is not None:
                     imgs, prompts, rewards = self.last_images
                     count = min(16, len(imgs))
@@ -518,6 +557,8 @@ class DiffusionAgent:
 
     def finish(self) -> dict[str, Any]:
         """Final outputs: the LoRA in diffusers format, the reward plot, before/after grids, summary.json."""
+        if not self.dist.is_main:
+            return {"epochs": self.epoch, "run_dir": str(self.run_dir), "rank": self.dist.rank}
         if self.config.use_lora:
             export_lora(self.unet, self.run_dir / "lora")
         plot_rewards(self.history, self.eval_history, self.run_dir / "reward_curve.png")

@@ -117,6 +117,9 @@ class DenoisingRolloutBuffer(RolloutBuffer):
     ) -> None:
         self.latent_shape = tuple(latent_shape)
         self.embed_shape = tuple(embed_shape)
+        # Multi-process training: indices (b,) of a global minibatch -> this process's share (see
+        # diffusion_mdp.distributed); None trains on whole minibatches.
+        self.shard: Callable[[Tensor], Tensor] | None = None
         observation_space = spaces.Box(-np.inf, np.inf, self.latent_shape, np.float32)
         action_space = spaces.Box(-np.inf, np.inf, self.latent_shape, np.float32)
         super().__init__(
@@ -164,6 +167,7 @@ class DenoisingRolloutBuffer(RolloutBuffer):
         episode_start: Any = None,
         value: Any = None,
         log_prob: Tensor | None = None,
+        block_start: int | None = None,
     ) -> None:
         """Record step ``pos`` of the current block of N trajectories.
 
@@ -175,9 +179,13 @@ class DenoisingRolloutBuffer(RolloutBuffer):
             reward: ``(N,)`` the step's reward (0 until the last step).
             episode_start, value: Unused (SB3 signature; episodes are aligned and there is no critic).
             log_prob: ``(N,)`` log π_old(action | obs).
+            block_start: First trajectory row of this block (default: right after the previous block); read at
+                a block's first step only.
         """
         if self.full:
             raise RuntimeError("the buffer is full: call reset() before adding more steps")
+        if self.pos == 0 and block_start is not None:  # multi-process: batches fill non-consecutive blocks
+            self.block_start = int(block_start)
         if log_prob is None:
             raise ValueError("DDPO needs the sampling log-probabilities: pass log_prob")
         num = int(action.shape[0])
@@ -262,6 +270,8 @@ class DenoisingRolloutBuffer(RolloutBuffer):
         step_order = torch.argsort(torch.rand((n, steps), generator=generator), dim=1)[:, :num_train_steps]
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
+            if self.shard is not None:  # multi-process: this process's chunk of the global minibatch
+                idx = self.shard(idx)
             yield TrajectoryMinibatch(self, idx.to(self.device), step_order[idx].to(self.device))
 
     def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> Any:  # pragma: no cover - SB3 hook
