@@ -158,10 +158,12 @@ class DiffusionAgent:
             add_lora(self.unet, cfg.lora_rank, cfg.lora_alpha)
         else:
             self.unet.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()  # type: ignore[operator]
         self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
         self.dist.broadcast_parameters(self.trainable)  # identical adapters everywhere (they are seeded alike too)
         self.autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, self.device)
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = self._optimizer_class()(
             self.trainable,
             lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -192,6 +194,18 @@ class DiffusionAgent:
         self.logger: Logger | None = None
         self._stop_requested = False
         self.last_images: tuple[np.ndarray, list[str], np.ndarray] | None = None
+
+    def _optimizer_class(self) -> type[torch.optim.Optimizer]:
+        """AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam`` (same hyper-parameters)."""
+        if not self.config.use_8bit_adam:
+            return torch.optim.AdamW
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ConfigError(
+                "use_8bit_adam=true needs bitsandbytes (pip install bitsandbytes); or set use_8bit_adam=false"
+            ) from exc
+        return bnb.optim.AdamW8bit
 
     def _check_world_size(self) -> None:
         """Multi-process runs split sample batches and minibatches evenly; say which setting to change."""

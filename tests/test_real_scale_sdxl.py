@@ -108,8 +108,10 @@ def test_sdxl_training_step(sdxl_folder: Path, tmp_path: Path):
         clip_range=0.2,
         progress_bar=False,
         log_formats="csv",
+        gradient_checkpointing=True,
     )
     agent = make_agent(cfg)
+    assert agent.unet.is_gradient_checkpointing
     assert agent.buffer.embed_shape == (17, 64)  # packed: 16 tokens + the pooled row
     before = {n: p.detach().clone() for n, p in agent.unet.named_parameters() if p.requires_grad}
     stats = agent.collect_rollouts(0)
@@ -117,3 +119,14 @@ def test_sdxl_training_step(sdxl_folder: Path, tmp_path: Path):
     assert np.isfinite(stats["reward_mean"]) and metrics["first_ratio"] == pytest.approx(1.0, abs=1e-5)
     changed = [n for n, p in agent.unet.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed and all("lora" in n for n in changed)
+
+
+def test_8bit_adam_needs_bitsandbytes():
+    import importlib.util
+
+    from diffusion_mdp.agents import ConfigError, TrainConfig
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    with pytest.raises(ConfigError, match="use_8bit_adam=true needs bitsandbytes"):
+        TrainConfig(use_8bit_adam=True).validate()
