@@ -36,6 +36,7 @@ from diffusion_mdp.distributed import Distributed, sync_rollout_buffer
 from diffusion_mdp.mdp import RewardError, decode_latents
 from diffusion_mdp.policy import DiffusionPolicy
 from diffusion_mdp.prompts import PromptSet, load_prompts
+from diffusion_mdp.rewards.executor import AsyncReward
 
 from .advantages import AdvantageNormalizer
 from .buffer import DenoisingRolloutBuffer, StepBatch
@@ -142,6 +143,11 @@ class DiffusionAgent:
             components=components,
         )
         self.mdp = self.env.unwrapped.mdp
+        # async_reward: the env defers the reward; batch b is scored in the background while b + 1 samples.
+        self.reward_executor: AsyncReward | None = None
+        if cfg.async_reward:
+            self.mdp.defer_reward = True
+            self.reward_executor = AsyncReward(self.mdp.score)  # mdp.score validates (N finite values)
         self.components = self.env.unwrapped.components
         self.train_prompts: PromptSet = self.mdp.prompts
         self.eval_prompts: PromptSet = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else self.train_prompts
@@ -297,6 +303,7 @@ class DiffusionAgent:
         buffer.reset()
         num_batches = cfg.samples_per_epoch // cfg.sample_batch_size
         images, prompts = [], []
+        pending = []  # async_reward: (batch, its reward future)
         for b in self.dist.local_batches(num_batches):  # all of them with one process
             options = None
             group_ids = np.arange(b * cfg.sample_batch_size, (b + 1) * cfg.sample_batch_size)
@@ -326,6 +333,18 @@ class DiffusionAgent:
                 obs = next_obs
             images.append(info["image"])
             prompts.extend(info["prompt"])
+            if self.reward_executor is not None:
+                pending.append((b, self.reward_executor.submit(info["image"], info["prompt"], info["metadata"])))
+        for b, future in pending:  # the terminal rewards, into the last step of each trajectory
+            try:
+                values, _ = future.result()
+            except RewardError as exc:
+                raise RewardError(
+                    f"epoch {epoch + 1}, sample batch {b + 1}/{num_batches}: {exc}. Nothing of this epoch was "
+                    f"saved; the last checkpoint ({self._checkpoint_note()}) is intact."
+                ) from exc
+            rows = slice(b * cfg.sample_batch_size, (b + 1) * cfg.sample_batch_size)
+            buffer.rewards[rows, -1] = torch.as_tensor(values, device=buffer.device, dtype=torch.float64)
         rewards = buffer.episode_rewards.cpu().numpy()
         if self.dist.enabled:  # every process gets the whole epoch: global rewards, prompts, advantages
             size = cfg.sample_batch_size

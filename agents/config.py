@@ -82,6 +82,9 @@ class TrainConfig:
     sample_batch_size: int = 8
     """Trajectories denoised together (the vector env's num_envs)."""
 
+    async_reward: bool = False
+    """Score each sample batch's rewards in a background thread while the next batch is sampled."""
+
     # --- advantages ------------------------------------------------------------------------------
     advantage_mode: str = "per_prompt"
     """per_prompt (stat tracking, the paper), batch (batch mean/std) or group (k samples per prompt, GRPO)."""

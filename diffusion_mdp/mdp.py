@@ -111,6 +111,9 @@ class DenoisingMDP:
         self.latents = torch.zeros((num_envs, *self.latent_shape), device=self.device)
         self.prompt_ids = np.zeros(num_envs, dtype=np.int64)
         self.needs_reset = True
+        # Set by agents that score rewards themselves (in a background executor, overlapping the next batch):
+        # the last step then returns zero rewards and the batch's images, prompts and metadata in ``info``.
+        self.defer_reward = False
 
     @property
     def num_steps(self) -> int:
@@ -206,18 +209,28 @@ class DenoisingMDP:
             return np.zeros(self.num_envs), False, {}
         self.needs_reset = True
         images = decode_latents(self.components.vae, self.latents)
+        if self.defer_reward:
+            metadata = [self.prompts.metadata[i] for i in self.prompt_ids]
+            return np.zeros(self.num_envs), True, {"image": images, "prompt": self.prompt_list, "metadata": metadata}
         rewards, reward_info = self.score(images)
         return rewards, True, {"image": images, "reward_info": reward_info, "prompt": self.prompt_list}
 
-    def score(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    def score(
+        self,
+        images: np.ndarray,
+        prompts: list[str] | None = None,
+        metadata: list[dict[str, Any]] | None = None,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Call the reward once on the batch, checking what it returns.
+
+        ``prompts``/``metadata`` default to the current episodes'; pass them to score a batch later (deferred).
 
         Raises:
             RewardError: The reward raised, or did not return N finite numbers. The message names the
                 reward and the batch's prompts.
         """
-        prompts = self.prompt_list
-        metadata = [self.prompts.metadata[i] for i in self.prompt_ids]
+        prompts = self.prompt_list if prompts is None else list(prompts)
+        metadata = [self.prompts.metadata[i] for i in self.prompt_ids] if metadata is None else list(metadata)
         where = f"reward {self.reward_name!r} on a batch of {len(prompts)} images (prompts {prompts[:4]}...)"
         try:
             result = self.reward_fn(images, prompts, metadata)

@@ -401,3 +401,57 @@ def test_remote_reward_failure_in_env_is_a_reward_error(reward_server, reference
     env.reset(seed=0)
     with pytest.raises(RewardError, match=url):
         env.step(np.zeros((2, 4, 32, 32), np.float32))
+
+
+def test_agent_async_reward_equals_sync(reference_pipeline: Path, tmp_path: Path):
+    from diffusion_mdp.agents import TrainConfig, make_agent
+
+    def agent(async_reward: bool):
+        cfg = TrainConfig(
+            name=f"a{async_reward}",
+            output_dir=str(tmp_path),
+            model=str(reference_pipeline),
+            prompts="",
+            reward="jpeg_compressibility",
+            num_steps=1,
+            samples_per_epoch=4,
+            sample_batch_size=2,
+            train_batch_size=2,
+            async_reward=async_reward,
+            progress_bar=False,
+        )
+        return make_agent(cfg)
+
+    sync_agent, async_agent = agent(False), agent(True)
+    sync_stats, async_stats = sync_agent.collect_rollouts(0), async_agent.collect_rollouts(0)
+    assert sync_stats == async_stats
+    assert torch.equal(sync_agent.buffer.rewards, async_agent.buffer.rewards)
+    assert sync_agent.buffer.rewards[:, -1].abs().min() > 0 and not sync_agent.buffer.rewards[:, :-1].any()
+    async_agent.reward_executor.shutdown()
+
+
+def test_agent_async_reward_failure_names_the_batch(reward_server, reference_pipeline: Path, tmp_path: Path):
+    from diffusion_mdp.agents import TrainConfig, make_agent
+    from diffusion_mdp.mdp import RewardError
+
+    def broken(imgs, prompts, metadata):
+        raise RuntimeError("VLM crashed")
+
+    url = reward_server(broken)
+    cfg = TrainConfig(
+        name="remote",
+        output_dir=str(tmp_path),
+        model=str(reference_pipeline),
+        prompts="",
+        reward=url,
+        num_steps=1,
+        samples_per_epoch=2,
+        sample_batch_size=2,
+        train_batch_size=2,
+        async_reward=True,
+        progress_bar=False,
+    )
+    agent = make_agent(cfg)
+    agent.mdp.reward_fn.retries = 0  # RemoteReward: fail at once
+    with pytest.raises(RewardError, match=r"sample batch 1/1.*VLM crashed.*checkpoint \(none written yet\)"):
+        agent.collect_rollouts(0)
