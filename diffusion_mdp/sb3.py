@@ -49,7 +49,7 @@ from diffusion_mdp.envs import DenoisingVectorEnv
 from diffusion_mdp.mdp import LATENT_BOUND
 from diffusion_mdp.policy import DiffusionPolicy
 
-RewardNormalization = Literal["per_prompt", "batch", "none"]
+RewardNormalization = Literal["per_prompt", "group", "batch", "none"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,8 +66,12 @@ class DenoisingSB3VecEnv(VecEnv):
     Args:
         num_envs: N.
         reward_normalization: What the terminal reward handed to SB3 is: ``"per_prompt"`` (DDPO's stat
-            tracker: (r - μ_c) / σ_c over the prompt's recent rewards), ``"batch"`` ((r - μ) / σ over the N
+            tracker: (r - μ_c) / σ_c over the prompt's recent rewards), ``"group"`` (statistics of the
+            ``group_size`` samples of the prompt in this batch, GRPO), ``"batch"`` ((r - μ) / σ over the N
             episodes), or ``"none"`` (the raw reward). Normalised rewards are clipped to ± ``adv_clip_max``.
+        group_size: k > 1: every batch of N episodes holds k episodes of each of N / k prompts (drawn
+            uniformly), as the library's ``advantage_mode="group"`` does, so each prompt's statistics are
+            available at once; 1: each episode draws its own prompt.
         stat_buffer_size: Per-prompt tracker: rewards kept per prompt.
         stat_min_count: Per-prompt tracker: below this many, use the batch statistics.
         adv_clip_max: Clip of normalised rewards (DDPO's advantage clip).
@@ -87,12 +91,23 @@ class DenoisingSB3VecEnv(VecEnv):
         stat_buffer_size: int = 32,
         stat_min_count: int = 4,
         adv_clip_max: float = 5.0,
+        group_size: int = 1,
+        seed: int = 0,
         **env_kwargs: Any,
     ) -> None:
-        if reward_normalization not in ("per_prompt", "batch", "none"):
-            raise ValueError(f"reward_normalization must be per_prompt, batch or none, got {reward_normalization!r}")
-        env_kwargs.setdefault("autoreset_mode", "SameStep")
+        if reward_normalization not in ("per_prompt", "group", "batch", "none"):
+            raise ValueError(
+                f"reward_normalization must be per_prompt, group, batch or none, got {reward_normalization!r}"
+            )
+        if group_size < 1 or num_envs % group_size:
+            raise ValueError(f"group_size={group_size} must divide num_envs={num_envs}")
+        if reward_normalization == "group" and group_size < 2:
+            raise ValueError("reward_normalization='group' needs group_size >= 2")
+        # The adapter resets the episodes itself (to choose their prompts), so the vector env never autoresets.
+        env_kwargs["autoreset_mode"] = "Disabled"
         self.venv = DenoisingVectorEnv(num_envs=num_envs, **env_kwargs)
+        self.group_size = group_size
+        self._prompt_rng = np.random.default_rng(seed)
         mdp = self.venv.mdp
         observation_space = spaces.Dict(
             {
@@ -130,10 +145,22 @@ class DenoisingSB3VecEnv(VecEnv):
             "prompt_id": np.asarray(obs["prompt_id"], dtype=np.int64),
         }
 
+    def _reset_episodes(self, seed: int | None = None) -> dict[str, Any]:
+        options = None
+        if self.group_size > 1:
+            num_groups = self.num_envs // self.group_size
+            num_prompts = len(self.venv.mdp.prompts)
+            chosen = self._prompt_rng.choice(num_prompts, num_groups, replace=num_groups > num_prompts)
+            options = {"prompt_ids": np.repeat(chosen, self.group_size)}
+        obs, _ = self.venv.reset(seed=seed, options=options)
+        return obs
+
     def reset(self) -> dict[str, np.ndarray]:
         # SB3 semantics: seeds set by ``seed()`` apply to this reset only.
         seed = self._seeds[0] if self._seeds and self._seeds[0] is not None else None
-        obs, _ = self.venv.reset(seed=seed)
+        if seed is not None:
+            self._prompt_rng = np.random.default_rng(seed)
+        obs = self._reset_episodes(seed)
         self._reset_seeds()
         self._reset_options()
         self._episode_start = time.time()
@@ -148,6 +175,11 @@ class DenoisingSB3VecEnv(VecEnv):
             return rewards
         if self.reward_normalization == "per_prompt":
             normalised = self.stat_tracker.update(list(prompts), rewards)
+        elif self.reward_normalization == "group":
+            from diffusion_mdp.agents.advantages import group_statistics
+
+            mean, std = group_statistics(np.arange(self.num_envs) // self.group_size, rewards)
+            normalised = (rewards - mean) / std
         else:
             normalised = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
         return np.clip(normalised, -self.adv_clip_max, self.adv_clip_max)
@@ -162,7 +194,8 @@ class DenoisingSB3VecEnv(VecEnv):
         if dones.all():
             raw = rewards.copy()
             rewards = self.normalize(raw, info["prompt"])
-            final = self._convert(info["final_obs"])
+            final = self._convert(obs)  # the terminal observation; SB3 expects the next episodes' first one
+            obs = self._reset_episodes()
             length = self.venv.mdp.num_steps
             elapsed = time.time() - self._episode_start
             for i in range(self.num_envs):

@@ -63,9 +63,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-prompts", default="shapes_heldout")
     parser.add_argument("--epochs", type=int, default=40, help="policy-gradient steps (one batch each)")
     parser.add_argument("--batch", type=int, default=16, help="N episodes per gradient step")
+    parser.add_argument("--group", type=int, default=4, help="k samples per prompt in a batch (1: batch baseline)")
     parser.add_argument("--steps", type=int, default=10, help="T denoising steps")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lora-rank", type=int, default=4, help="0: fine-tune the whole UNet instead")
     parser.add_argument("--eval-batches", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="a few seconds: tiny batch, 2 steps, 1 epoch")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.epochs, args.batch, args.steps, args.eval_batches = 1, 2, 2, 1
+        args.epochs, args.batch, args.group, args.steps, args.eval_batches = 1, 2, 2, 2, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -87,21 +89,36 @@ def main(argv: list[str] | None = None) -> dict:
     eval_env = gym.make_vec(
         "DenoisingMDP-v0", num_envs=n_eval, prompts=eval_prompts, components=env.unwrapped.components, **env_kwargs
     )
+    # In-distribution too: every training prompt once, fixed seeds.
+    n_train = 2 if args.smoke else len(load_prompts(args.prompts))
+    train_eval_env = gym.make_vec(
+        "DenoisingMDP-v0", num_envs=n_train, prompts=args.prompts, components=env.unwrapped.components, **env_kwargs
+    )
 
-    # The policy: the diffusion model's DDIM Gaussian. Only a small LoRA adapter is trained (as in DDPO).
+    # The policy: the diffusion model's DDIM Gaussian. By default only a small LoRA adapter is trained (as DDPO).
     policy = DiffusionPolicy.from_env(env, guidance_scale=args.guidance)
-    add_lora(policy.unet, rank=4, alpha=4.0)
+    if args.lora_rank:
+        add_lora(policy.unet, rank=args.lora_rank, alpha=float(args.lora_rank))
+    else:
+        policy.unet.requires_grad_(True)
     params = [p for p in policy.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
 
     before, images_before = evaluate(policy, eval_env, args.eval_batches, seed=12345)
+    train_before, _ = evaluate(policy, train_eval_env, 1, seed=54321)
+    print(f"training-prompt reward before: {train_before.mean():.4f}")
     print(f"held-out reward before: {before.mean():.4f} ± {before.std():.4f}")
 
+    k = args.group if args.batch % args.group == 0 else 1
+    num_prompts = len(load_prompts(args.prompts))
     history = []
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
         # 1. Roll out N episodes with the current policy, remembering every (s_t, a_t).
-        obs, _ = env.reset(seed=args.seed * 100_003 + epoch)
+        # k samples of each of N/k prompts, so that each sample can be compared with its own prompt's others.
+        rng = np.random.default_rng([args.seed, epoch])
+        prompt_ids = np.repeat(rng.choice(num_prompts, args.batch // k, replace=args.batch // k > num_prompts), k)
+        obs, _ = env.reset(seed=args.seed * 100_003 + epoch, options={"prompt_ids": prompt_ids})
         trajectory = []
         terminated = np.zeros(args.batch, dtype=bool)
         with torch.no_grad():
@@ -110,8 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
                 trajectory.append((obs, actions))
                 obs, rewards, terminated, _, _ = env.step(actions)
 
-        # 2. Advantages: the terminal reward minus a baseline (the batch mean), scaled by the batch std.
-        advantages = torch.as_tensor((rewards - rewards.mean()) / (rewards.std() + 1e-6), dtype=torch.float32)
+        # 2. Advantages: the terminal reward minus a baseline, the mean reward of the same prompt in the batch
+        #    (prompts differ in difficulty: a batch-wide baseline would mostly reward "being an easy prompt"),
+        #    scaled by the batch's std of these differences.
+        baseline = rewards.reshape(-1, k).mean(axis=1).repeat(k) if k > 1 else np.full_like(rewards, rewards.mean())
+        centred = rewards - baseline
+        advantages = torch.as_tensor(centred / (centred.std() + 1e-6), dtype=torch.float32)
 
         # 3. The policy gradient. One backward per step keeps only one step's activations in memory; the
         #    gradients add up to ∇ of the sum over steps.
@@ -130,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     after, images_after = evaluate(policy, eval_env, args.eval_batches, seed=12345)
+    train_after, _ = evaluate(policy, train_eval_env, 1, seed=54321)
+    print(f"training-prompt reward after: {train_after.mean():.4f}   (before {train_before.mean():.4f})")
     print(f"held-out reward after:  {after.mean():.4f} ± {after.std():.4f}   (before {before.mean():.4f})")
     result = {
         "eval_before": float(before.mean()),
@@ -137,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_before_std": float(before.std()),
         "eval_after_std": float(after.std()),
         "eval_samples": len(after),
+        "train_prompts_before": float(train_before.mean()),
+        "train_prompts_after": float(train_after.mean()),
         "train_reward": history,
         "args": vars(args),
     }

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--clip-range", type=float, default=1e-4)
     parser.add_argument("--minibatches", type=int, default=1, help="SB3 minibatches per rollout")
+    parser.add_argument("--group", type=int, default=4, help="k episodes per prompt in each rollout (1: no groups)")
+    parser.add_argument("--normalization", default="per_prompt", choices=["per_prompt", "group", "batch", "none"])
+    parser.add_argument("--lora-rank", type=int, default=4, help="0: fine-tune the whole UNet")
     parser.add_argument("--eval-batches", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -97,13 +100,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="a few seconds: tiny batch, 2 steps, 1 rollout")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.rollouts, args.batch, args.steps, args.eval_batches = 1, 2, 2, 1
+        args.rollouts, args.batch, args.group, args.steps, args.eval_batches = 1, 2, 2, 2, 1
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     env = DenoisingSB3VecEnv(
-        num_envs=args.batch, model=args.model, reward=args.reward, prompts=args.prompts, num_steps=args.steps
+        num_envs=args.batch,
+        model=args.model,
+        reward=args.reward,
+        prompts=args.prompts,
+        num_steps=args.steps,
+        group_size=args.group,
+        reward_normalization=args.normalization,
+        seed=args.seed,
     )
     eval_prompts = load_prompts(args.eval_prompts)
     n_eval = 2 if args.smoke else len(eval_prompts)
@@ -112,6 +122,16 @@ def main(argv: list[str] | None = None) -> dict:
         num_envs=n_eval,
         reward=args.reward,
         prompts=eval_prompts,
+        num_steps=args.steps,
+        components=env.venv.components,
+        autoreset_mode="Disabled",
+    )
+    # In-distribution too: every training prompt once, fixed seeds.
+    train_eval_env = gym.make_vec(
+        "DenoisingMDP-v0",
+        num_envs=2 if args.smoke else len(load_prompts(args.prompts)),
+        reward=args.reward,
+        prompts=args.prompts,
         num_steps=args.steps,
         components=env.venv.components,
         autoreset_mode="Disabled",
@@ -128,16 +148,20 @@ def main(argv: list[str] | None = None) -> dict:
             clip_range=args.clip_range,
             seed=args.seed,
         ),
-        policy_kwargs=diffusion_policy_kwargs(env, guidance_scale=args.guidance, lora_rank=4),
+        policy_kwargs=diffusion_policy_kwargs(env, guidance_scale=args.guidance, lora_rank=args.lora_rank or None),
         verbose=0,
     )
     diffusion: DiffusionPolicy = model.policy.diffusion  # the actor, to evaluate outside SB3
 
     before, images_before = evaluate(diffusion, eval_env, args.eval_batches, seed=12345)
+    train_before, _ = evaluate(diffusion, train_eval_env, 1, seed=54321)
+    print(f"training-prompt reward before: {train_before.mean():.4f}")
     print(f"held-out reward before: {before.mean():.4f} ± {before.std():.4f}")
     printer = RewardPrinter()
     model.learn(total_timesteps=args.rollouts * args.batch * args.steps, callback=printer)
     after, images_after = evaluate(diffusion, eval_env, args.eval_batches, seed=12345)
+    train_after, _ = evaluate(diffusion, train_eval_env, 1, seed=54321)
+    print(f"training-prompt reward after: {train_after.mean():.4f}   (before {train_before.mean():.4f})")
     print(f"held-out reward after:  {after.mean():.4f} ± {after.std():.4f}   (before {before.mean():.4f})")
     logged = {k: v for k, v in model.logger.name_to_value.items() if k.startswith("train/")}
     print("last SB3 train/ metrics:", {k: round(float(v), 6) for k, v in logged.items()})
@@ -148,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_before_std": float(before.std()),
         "eval_after_std": float(after.std()),
         "eval_samples": len(after),
+        "train_prompts_before": float(train_before.mean()),
+        "train_prompts_after": float(train_after.mean()),
         "train_reward": printer.history,
         "sb3_train_metrics": {k: float(v) for k, v in logged.items()},
         "args": vars(args),

@@ -129,6 +129,26 @@ def test_sb3_env_normalises_terminal_rewards_per_prompt(reference_components: An
     assert int(infos[0]["terminal_observation"]["timestep"]) == 0 and obs["timestep"][0] > 0
 
 
+def test_sb3_env_group_sampling_and_group_normalisation(reference_components: Any) -> None:
+    """group_size=k: each batch holds k episodes of N/k prompts, in every episode (also after the reset)."""
+    env = make_env(reference_components, num_envs=4, group_size=2, reward_normalization="group")
+    env.seed(3)
+    obs = env.reset()
+    latent = np.random.default_rng(0).normal(size=(4, *env.venv.mdp.latent_shape)).astype(np.float32)
+    for _ in range(2):  # two episodes: the second starts from the adapter's own reset
+        ids = obs["prompt_id"]
+        assert ids[0] == ids[1] and ids[2] == ids[3], ids
+        for _ in range(3):
+            obs, rewards, dones, infos = env.step(latent)
+        raw = env.last_raw_rewards
+        assert dones.all() and [info["prompt"] for info in infos] == [PROMPTS[i] for i in ids]
+        for pair in (slice(0, 2), slice(2, 4)):
+            expected = (raw[pair] - raw[pair].mean()) / (raw[pair].std() + 1e-6)
+            np.testing.assert_allclose(rewards[pair], expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="divide"):
+        make_env(reference_components, num_envs=3, group_size=2)
+
+
 def test_tiny_ppo_learn_updates_the_lora(fresh_components: Any) -> None:
     env = make_env(fresh_components, num_envs=2)
     model = PPO(
