@@ -119,7 +119,7 @@ def test_bundled_pipeline_loads_offline_and_samples(monkeypatch: pytest.MonkeyPa
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.set_alpha_to_one is False
     assert pipe.safety_checker is None
-    assert pipe.unet.dtype == torch.float32
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32
     pipe.set_progress_bar_config(disable=True)
     out = pipe(["a red circle", "three blue triangles"], num_inference_steps=3, eta=1.0, guidance_scale=3.0,
                output_type="np", generator=torch.Generator().manual_seed(0))
