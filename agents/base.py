@@ -552,7 +552,7 @@ class DiffusionAgent:
                 t0 = time.perf_counter()
                 metrics: dict[str, Any] = {"epoch": epoch + 1, **self.collect_rollouts(epoch)}
                 t1 = time.perf_counter()
-                metrics.update(self.train_on_rollouts(epoch))
+                metrics.update(self.dist.average_metrics(self.train_on_rollouts(epoch)))
                 t2 = time.perf_counter()
                 metrics["lr"] = lr
                 metrics["global_step"] = self.global_step

@@ -13,7 +13,8 @@ One process per GPU, each with its own vector environment. Per epoch:
    gradients are averaged (:meth:`Distributed.all_reduce_grads`) before each optimizer step. Equal chunks
    make the average of per-process means the global mean, so one update equals a one-process update on the
    same global batch up to float summation order (``tests/test_real_scale_distributed.py`` checks it).
-4. **Logging, images, evaluation and checkpoints** happen on the main process only.
+4. **Logging, images, evaluation and checkpoints** happen on the main process only; training metrics
+   (losses, KL, clip fractions) are averaged over processes first.
 
 With one process (no launcher), :class:`Distributed` is inert and training is bit-identical to before.
 The process group is created from the launcher's environment variables (``RANK``, ``WORLD_SIZE``,
@@ -136,6 +137,17 @@ class Distributed:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def average_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The mean of each float metric over processes (losses of equal shards average to the global loss)."""
+        if not self.enabled or not metrics:
+            return metrics
+        keys = list(metrics)  # the same keys in the same order on every process: the same code ran
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            values = values.cuda()
+        values = self.all_reduce_sum_(values) / self.world_size
+        return {key: float(value) for key, value in zip(keys, values.tolist(), strict=True)}
 
     def barrier(self) -> None:
         if self.enabled:
