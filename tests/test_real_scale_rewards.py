@@ -465,3 +465,28 @@ def test_agent_async_reward_failure_names_the_batch(reward_server, reference_pip
     agent.mdp.reward_fn.retries = 0  # RemoteReward: fail at once
     with pytest.raises(RewardError, match=r"sample batch 1/1.*VLM crashed.*checkpoint \(none written yet\)"):
         agent.collect_rollouts(0)
+
+
+def test_bertscore_idf_weights(tiny_bert):
+    # Analytic: weights 3 and 1 on the two reference tokens; the candidate matches only the first exactly.
+    e = torch.eye(2)[None]
+    s = bertscore_from_embeddings(e[:, :1], e, ref_weights=torch.tensor([[3.0, 1.0]]))
+    torch.testing.assert_close(s["recall"], torch.tensor([0.75]))  # (3·1 + 1·0) / 4
+    # BERTScorer: idf from a corpus, as bert_score: log((M + 1) / (df + 1)); off by default.
+    model, tokenizer = tiny_bert
+    plain = BERTScorer(model, tokenizer, layer=2, device="cpu")
+    assert plain.idf is None
+    corpus = ["a cat", "a dog", "a horse"]
+    scorer = BERTScorer(model, tokenizer, layer=2, device="cpu", idf_corpus=corpus)
+    a_id = tokenizer.convert_tokens_to_ids("a")
+    cat_id = tokenizer.convert_tokens_to_ids("cat")
+    assert scorer.idf[a_id] == pytest.approx(np.log(4 / 4)) and scorer.idf[cat_id] == pytest.approx(np.log(4 / 2))
+    identical = scorer.score(["a cat"], ["a cat"])
+    torch.testing.assert_close(identical["recall"], torch.tensor([1.0]))
+    # The weighted recall is the idf-weighted mean of each reference token's best cosine ("a" weighs 0).
+    cand = torch.nn.functional.normalize(plain.embed(["a dog"])[0][0, 1:-1], dim=-1)  # without [CLS]/[SEP]
+    ref = torch.nn.functional.normalize(plain.embed(["a cat"])[0][0, 1:-1], dim=-1)
+    best = (cand @ ref.T).max(0).values  # per reference token: a, cat
+    weights = torch.tensor([scorer.idf[a_id], scorer.idf[cat_id]])
+    expected = (best * weights).sum() / weights.sum()
+    torch.testing.assert_close(scorer.score(["a dog"], ["a cat"])["recall"][0], expected, atol=1e-5, rtol=0)

@@ -8,9 +8,10 @@ more than the prompt is not penalised). The pieces here are separable:
   wraps any transformers image-text-to-text model (LLaVA by default); the bundled tiny-shapes captioner
   (``diffusion_mdp.shapes.captioner.Captioner``) already has the method, so it plugs in unchanged.
 - :class:`BERTScorer`: BERTScore (Zhang et al., 2020) implemented on a transformers encoder: contextual token
-  embeddings from one hidden layer, L2-normalised, greedy cosine matching, no idf weighting, no baseline
-  rescaling, special tokens (<s>, </s>, [CLS], [SEP], padding) excluded. Default: ``roberta-large``, layer
-  17, the ``bert_score`` package's default for English (and so the paper's).
+  embeddings from one hidden layer, L2-normalised, greedy cosine matching, no idf weighting by default
+  (``BERTScorer(idf_corpus=...)`` turns it on), no baseline rescaling, special tokens (<s>, </s>, [CLS],
+  [SEP], padding) excluded. Default: ``roberta-large``, layer 17, the ``bert_score`` package's default for
+  English (and so the paper's).
 - Rewards: ``caption_similarity`` (any captioner + BERTScore; the tiny-shapes captioner by default, so it
   runs offline), ``vlm_prompt_alignment`` (LLaVA + BERTScore recall: the paper's reward), and
   ``clip_score`` (cosine of CLIP's image and text embeddings, ×100 like torchmetrics' CLIPScore by default,
@@ -80,20 +81,26 @@ def _from_pretrained(cls: Any, name: str | os.PathLike[str], what: str, files: s
 # BERTScore
 # ------------------------------------------------------------------------------------------------
 def bertscore_from_embeddings(
-    cand: Tensor, ref: Tensor, cand_mask: Tensor | None = None, ref_mask: Tensor | None = None
+    cand: Tensor,
+    ref: Tensor,
+    cand_mask: Tensor | None = None,
+    ref_mask: Tensor | None = None,
+    cand_weights: Tensor | None = None,
+    ref_weights: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """BERTScore of candidate vs reference token embeddings (greedy cosine matching, no idf).
+    """BERTScore of candidate vs reference token embeddings (greedy cosine matching).
 
     Args:
         cand: ``(B, Lc, D)`` candidate token embeddings (need not be normalised).
         ref: ``(B, Lr, D)`` reference token embeddings.
         cand_mask: ``(B, Lc)`` bool, which candidate tokens count (all by default).
         ref_mask: ``(B, Lr)`` bool, which reference tokens count.
+        cand_weights, ref_weights: Optional ``(B, Lc)`` / ``(B, Lr)`` token weights (idf); uniform by default.
 
     Returns:
-        ``{"precision", "recall", "f1"}``, each ``(B,)``: P = mean over candidate tokens of the best cosine
-        with a reference token, R = mean over reference tokens of the best cosine with a candidate token,
-        F = 2PR / (P + R).
+        ``{"precision", "recall", "f1"}``, each ``(B,)``: P = (weighted) mean over candidate tokens of the
+        best cosine with a reference token, R = (weighted) mean over reference tokens of the best cosine with
+        a candidate token, F = 2PR / (P + R).
 
     >>> e = torch.eye(3)[None]  # three orthogonal tokens
     >>> s = bertscore_from_embeddings(e[:, :1], e)  # the candidate is the first reference token only
@@ -109,8 +116,10 @@ def bertscore_from_embeddings(
     sim = sim.masked_fill(~pair_mask, float("-inf"))
     best_for_cand = sim.max(dim=2).values.masked_fill(~cand_mask, 0.0)  # (B, Lc)
     best_for_ref = sim.max(dim=1).values.masked_fill(~ref_mask, 0.0)  # (B, Lr)
-    precision = best_for_cand.sum(1) / cand_mask.sum(1).clamp(min=1)
-    recall = best_for_ref.sum(1) / ref_mask.sum(1).clamp(min=1)
+    cand_w = cand_mask.float() if cand_weights is None else cand_weights.float() * cand_mask
+    ref_w = ref_mask.float() if ref_weights is None else ref_weights.float() * ref_mask
+    precision = (best_for_cand * cand_w).sum(1) / cand_w.sum(1).clamp(min=1e-12)
+    recall = (best_for_ref * ref_w).sum(1) / ref_w.sum(1).clamp(min=1e-12)
     f1 = 2 * precision * recall / (precision + recall)
     f1 = torch.where(precision + recall > 0, f1, torch.zeros_like(f1))
     return {"precision": precision, "recall": recall, "f1": f1}
@@ -125,6 +134,9 @@ class BERTScorer:
         layer: Which hidden state to use (0 = embeddings; 17 of 24 for roberta-large, BERTScore's default).
         device: Where the encoder runs.
         batch_size: Sentences per forward.
+        idf_corpus: Sentences to compute idf weights from (e.g. the prompt set), as ``bert_score``'s
+            ``idf=True`` does: idf(w) = log((M + 1) / (df(w) + 1)) over M sentences. None (default): uniform
+            weights, i.e. idf off, as in the paper's reward.
     """
 
     def __init__(
@@ -134,6 +146,7 @@ class BERTScorer:
         layer: int = DEFAULT_BERTSCORE_LAYER,
         device: torch.device | str | None = None,
         batch_size: int = 64,
+        idf_corpus: Sequence[str] | None = None,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -153,10 +166,31 @@ class BERTScorer:
             raise ValueError(f"layer={layer} but the encoder has hidden states 0..{num_layers}")
         self.layer = layer
         self.batch_size = batch_size
+        self.idf: dict[int, float] | None = None
+        if idf_corpus is not None:
+            self.set_idf(idf_corpus)
+
+    def set_idf(self, corpus: Sequence[str]) -> None:
+        """idf weights of token ids from ``corpus`` (unseen tokens get log(M + 1))."""
+        import math
+        from collections import Counter
+
+        counts: Counter[int] = Counter()
+        for ids in self.tokenizer(list(corpus), add_special_tokens=False)["input_ids"]:
+            counts.update(set(ids))
+        total = len(corpus)
+        self.idf_default = math.log(total + 1)
+        self.idf = {token: math.log((total + 1) / (count + 1)) for token, count in counts.items()}
+
+    def _weights(self, input_ids: Tensor) -> Tensor | None:
+        if self.idf is None:
+            return None
+        ids = input_ids.tolist()
+        return torch.tensor([[self.idf.get(i, self.idf_default) for i in row] for row in ids], device=self.device)
 
     @torch.no_grad()
-    def embed(self, sentences: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Token embeddings ``(B, L, D)`` of layer ``layer`` and a ``(B, L)`` mask of the non-special tokens."""
+    def embed(self, sentences: Sequence[str]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Layer ``layer``'s token embeddings ``(B, L, D)``, a ``(B, L)`` mask of non-special tokens, idf weights."""
         tokens = self.tokenizer(
             list(sentences),
             padding=True,
@@ -168,7 +202,7 @@ class BERTScorer:
         mask = tokens["attention_mask"].bool() & ~special
         tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
         hidden = self.model(**tokens, output_hidden_states=True).hidden_states[self.layer]
-        return hidden.float(), mask.to(self.device)
+        return hidden.float(), mask.to(self.device), self._weights(tokens["input_ids"])
 
     def score(self, candidates: Sequence[str], references: Sequence[str]) -> dict[str, Tensor]:
         """P, R, F1 ``(B,)`` of each candidate against its reference (``bert_score.score(cands, refs)``)."""
@@ -176,9 +210,9 @@ class BERTScorer:
             raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
         parts: dict[str, list[Tensor]] = {"precision": [], "recall": [], "f1": []}
         for start in range(0, len(candidates), self.batch_size):
-            cand, cand_mask = self.embed(candidates[start : start + self.batch_size])
-            ref, ref_mask = self.embed(references[start : start + self.batch_size])
-            for key, value in bertscore_from_embeddings(cand, ref, cand_mask, ref_mask).items():
+            cand, cand_mask, cand_w = self.embed(candidates[start : start + self.batch_size])
+            ref, ref_mask, ref_w = self.embed(references[start : start + self.batch_size])
+            for key, value in bertscore_from_embeddings(cand, ref, cand_mask, ref_mask, cand_w, ref_w).items():
                 parts[key].append(value)
         return {key: torch.cat(values).cpu() for key, values in parts.items()}
 
@@ -311,11 +345,12 @@ def caption_similarity(
     bertscore_layer: int = DEFAULT_BERTSCORE_LAYER,
     score: ScoreKind = "recall",
     device: torch.device | str | None = None,
+    idf_corpus: Sequence[str] | None = None,
 ) -> CaptionSimilarity:
     """BERTScore between any captioner's captions and the prompts (default captioner: tiny-shapes')."""
     device = torch.device(device) if device is not None else default_device()
     captioner = captioner if captioner is not None else tiny_shapes_captioner(device)
-    scorer = BERTScorer(bertscore_model, bertscore_tokenizer, bertscore_layer, device)
+    scorer = BERTScorer(bertscore_model, bertscore_tokenizer, bertscore_layer, device, idf_corpus=idf_corpus)
     return CaptionSimilarity(captioner, scorer, score)
 
 
@@ -331,13 +366,14 @@ def vlm_prompt_alignment(
     bertscore_layer: int = DEFAULT_BERTSCORE_LAYER,
     score: ScoreKind = "recall",
     device: torch.device | str | None = None,
+    idf_corpus: Sequence[str] | None = None,
     vlm_dtype: torch.dtype | None = None,
 ) -> CaptionSimilarity:
     """The paper's prompt-alignment reward: VLM caption (LLaVA), BERTScore recall against the prompt."""
     device = torch.device(device) if device is not None else default_device()
     dtype = vlm_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     captioner = VLMCaptioner(vlm, vlm_processor, question, prompt_template, max_new_tokens, device, dtype)
-    scorer = BERTScorer(bertscore_model, bertscore_tokenizer, bertscore_layer, device)
+    scorer = BERTScorer(bertscore_model, bertscore_tokenizer, bertscore_layer, device, idf_corpus=idf_corpus)
     return CaptionSimilarity(captioner, scorer, score)
 
 
