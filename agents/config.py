@@ -455,6 +455,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The same four experiments on Stable Diffusion 1.5 (`<preset>-sd15`): only the model differs.
+SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PRESETS.update(
+    {
+        f"{name}-sd15": {**PRESETS[name], "name": f"{name}-sd15", "model": SD15_MODEL}
+        for name in ("compressibility", "incompressibility", "aesthetic", "prompt-alignment")
+    }
+)
+
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a flat TOML or JSON config file (``[train]`` table or top level)."""
