@@ -1,0 +1,189 @@
+"""benchmarks/reproduce.py in a smoke configuration: index, tables, figures, skipping and resuming runs.
+
+The budget is shrunk through the driver's own flags (1 epoch of 4 samples, 2 denoising steps, 2 images per
+measurement, batches of 4) on a shrunk reference tiny pipeline (the reference architecture at 16×16 pixels,
+latents 4×8×8: the reference's 32×32 latents spend most of a CPU run in attention), so the whole file takes
+well under 90 s on 2 cores; the machinery is the quick mode's (same functions, only the numbers differ).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_reproduce() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+reproduce = _load_reproduce()
+
+
+@pytest.fixture(scope="module")
+def micro_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference tiny pipeline's structure (SD's UNet/VAE/CLIP/DDIM), shrunk to 16×16 images."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusion_mdp.testing import REFERENCE_WORDS, SD_SCHEDULER_CONFIG
+    from diffusion_mdp.tokenizer import build_word_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_word_tokenizer(REFERENCE_WORDS, model_max_length=8)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=4,
+    )
+    folder = tmp_path_factory.mktemp("micro-pipeline")
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
+def smoke_args(model: Path, out: Path, methods: list[str]) -> list[str]:
+    return [
+        "--out", str(out),
+        "--model", str(model),
+        "--threads", "1",
+        "--tasks", "compressibility",
+        "--methods", *methods,
+        "--seeds", "0",
+        "--epochs", "1",
+        "--samples-per-epoch", "4",
+        "--eval-samples", "2",
+        "--num-steps", "2",
+        "--set", "sample_batch_size=4",
+        "--set", "train_batch_size=4",
+        "--set", "eval_num_samples=2",
+        "--set", "stat_min_count=2",
+    ]  # fmt: skip
+
+
+def test_quick_mode_budget_is_equal_queries_for_every_method() -> None:
+    args = reproduce.parse_args(["--quick"])
+    budget = reproduce.budget_from_args(args)
+    assert budget.mode == "quick" and set(budget.methods) == set(reproduce.METHODS)
+    assert budget.queries_per_run == budget.num_epochs * budget.samples_per_epoch
+    assert len(reproduce.FULL.runs()) == 4 * 3 * 3  # 4 methods × 3 tasks × 3 seeds
+
+
+def test_smoke_grid_index_table_plots_skip_and_resume(
+    micro_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "reproduce"
+    index = reproduce.main(smoke_args(micro_pipeline, out, ["ddpo_is", "rwr"]))
+
+    # Results index with both runs, each with a curve, a trace (epoch 0 and 1) and the queries it spent.
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["runs"]) == {"compressibility-ddpo_is-s0", "compressibility-rwr-s0"}
+    for record in saved["runs"].values():
+        assert record["status"] == "done" and record["queries"] == 4
+        assert [p["epoch"] for p in record["trace"]] == [0, 1]
+        assert set(record["trace"][0]["scores"]) == {"shapes_train", "shapes_heldout"}
+        assert len(record["curve"]) == 1
+    # The same model before training, on the same noise: both runs measure the same epoch-0 scores.
+    before = [r["trace"][0]["scores"]["shapes_heldout"]["reward"] for r in saved["runs"].values()]
+    assert before[0] == pytest.approx(before[1])
+
+    # Table rows and figures.
+    report = (out / "results.md").read_text()
+    assert "| JPEG compressibility | DDPO-IS |" in report and "| JPEG compressibility | RWR |" in report
+    for name in ("reward_vs_queries.png", "overoptimisation.png", "grid_compressibility.png"):
+        assert (out / name).stat().st_size > 1000, name
+
+    # A rerun skips finished runs entirely.
+    def must_not_run(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(reproduce, "execute_run", must_not_run)
+    assert reproduce.main(smoke_args(micro_pipeline, out, ["ddpo_is", "rwr"]))["runs"] == index["runs"]
+    monkeypatch.undo()
+
+    # An interrupted run (killed after its checkpoint, before its final measurement) resumes from the
+    # agents' checkpoint: no epoch is trained twice, and the grid gains the run.
+    real_measure = reproduce.measure
+    calls = {"n": 0}
+
+    def measure_then_die(*args: object, **kwargs: object):
+        calls["n"] += 1
+        if calls["n"] == 2:  # 1: the base model (epoch 0), 2: after epoch 1
+            raise KeyboardInterrupt
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(reproduce, "measure", measure_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main(smoke_args(micro_pipeline, out, ["ddpo_sf"]))
+    run_dir = out / "runs" / "compressibility-ddpo_sf-s0"
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert "compressibility-ddpo_sf-s0" not in json.loads((out / "results.json").read_text())["runs"]
+    monkeypatch.undo()
+
+    index = reproduce.main(smoke_args(micro_pipeline, out, ["ddpo_sf"]))
+    record = index["runs"]["compressibility-ddpo_sf-s0"]
+    assert record["status"] == "done" and [p["epoch"] for p in record["trace"]] == [0, 1]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 1 trained once
+    assert len(index["runs"]) == 3
+    assert "| JPEG compressibility | DDPO-SF |" in (out / "results.md").read_text()
+
+    # A different per-run budget into the same folder is refused instead of mixing incomparable runs.
+    with pytest.raises(SystemExit, match="different per-run budget"):
+        reproduce.main([*smoke_args(micro_pipeline, out, ["ddpo_is"]), "--epochs", "2"])
+
+
+def test_publish_copies_report_and_figures(tmp_path: Path) -> None:
+    out, target = tmp_path / "out", tmp_path / "docs"
+    out.mkdir()
+    (out / "results.md").write_text("# r")
+    (out / "reward_vs_queries.png").write_bytes(b"png")
+    dest = reproduce.publish(out, target, "quick")
+    assert dest == target / "quick"
+    assert {p.name for p in dest.iterdir()} == {"results.md", "reward_vs_queries.png"}
