@@ -117,15 +117,14 @@ class Budget:
         return [(t, m, s) for s in self.seeds for t in self.tasks for m in self.methods]
 
 
-# The full grid: 4 methods × 3 tasks × 3 seeds = 36 runs of 16 epochs × 32 samples = 512 reward queries each.
+# The full grid: 4 methods × 3 tasks × 3 seeds = 36 runs of 12 epochs × 32 samples = 384 reward queries each
+# (the tiny-shapes preset's budget), measured every 4 epochs on 24 images per prompt set.
 FULL = Budget(
-    "full", tuple(TASKS), METHODS, (0, 1, 2), num_epochs=16, samples_per_epoch=32, trace_every=4, eval_samples=32
+    "full", tuple(TASKS), METHODS, (0, 1, 2), num_epochs=12, samples_per_epoch=32, trace_every=4, eval_samples=24
 )
-# Quick: all 4 methods on one task (JPEG incompressibility, where the reward moves fastest and its cost to
-# fidelity is visible) × 2 seeds, 8 epochs × 32 samples = 256 queries per run.
-QUICK = Budget(
-    "quick", ("incompressibility",), METHODS, (0, 1), num_epochs=8, samples_per_epoch=32, trace_every=4, eval_samples=32
-)
+# Quick: the 8 runs of the full grid on JPEG incompressibility with seeds 0 and 1 (all 4 methods; the same
+# per-run budget, so they count towards the full grid when both use the same --out).
+QUICK = replace(FULL, mode="quick", tasks=("incompressibility",), seeds=(0, 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,7 +138,7 @@ def run_name(task: str, method: str, seed: int) -> str:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and ``os.replace``: an interrupted write never corrupts the index."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: parallel shards never share one
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
 
@@ -166,8 +165,9 @@ def load_index(out: Path, budget: Budget) -> dict[str, Any]:
             f"{out}/results.json was written with a different per-run budget {saved}; this invocation has "
             f"{per_run}. Use another --out, or the same budget flags to continue that grid."
         )
-    # More tasks, methods or seeds may be added to a grid: remember the union.
+    # More tasks, methods or seeds may be added to a grid (--quick is a subset of the full grid): the union.
     merged = index["budget"]
+    merged["mode"] = budget.mode
     for key in ("tasks", "methods", "seeds"):
         merged[key] = list(dict.fromkeys([*merged[key], *getattr(budget, key)]))
     return index
@@ -323,8 +323,25 @@ def execute_run(budget: Budget, task: str, method: str, seed: int, out: Path, mo
 # ------------------------------------------------------------------------------------------------
 # The grid
 # ------------------------------------------------------------------------------------------------
-def run_grid(budget: Budget, out: Path, model: str, threads: int, time_limit_s: float = 0.0) -> dict[str, Any]:
-    """Run every (task, method, seed) of ``budget`` not yet in the index; returns the index.
+def collect_records(out: Path, index: dict[str, Any]) -> dict[str, Any]:
+    """Add every finished run's ``<run>/record.json`` to the index (other shards' runs included)."""
+    for path in sorted((out / "runs").glob("*/record.json")):
+        index["runs"][path.parent.name] = json.loads(path.read_text())
+    return index
+
+
+def run_grid(
+    budget: Budget,
+    out: Path,
+    model: str,
+    threads: int,
+    time_limit_s: float = 0.0,
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, Any]:
+    """Run every (task, method, seed) of ``budget`` not yet finished; returns the index.
+
+    A run is finished when its ``<run>/record.json`` exists (written last, atomically); ``results.json``
+    is the union of the records, so several processes (``shard``) can share one output folder.
 
     Args:
         budget: The grid and per-run budget.
@@ -332,12 +349,16 @@ def run_grid(budget: Budget, out: Path, model: str, threads: int, time_limit_s: 
         model: Model for every run (``tiny-shapes`` or a pipeline folder).
         threads: torch threads per run.
         time_limit_s: Start no new run after this many seconds (0: no limit); the grid continues next time.
+        shard: ``(k, n)``: run only the runs at positions ≡ k (mod n) of :meth:`Budget.runs`.
     """
     out.mkdir(parents=True, exist_ok=True)
-    index = load_index(out, budget)
+    index = collect_records(out, load_index(out, budget))
+    write_json_atomic(out / "results.json", index)
     start = time.perf_counter()
-    for task, method, seed in budget.runs():
+    for position, (task, method, seed) in enumerate(budget.runs()):
         name = run_name(task, method, seed)
+        if position % shard[1] != shard[0]:
+            continue
         if index["runs"].get(name, {}).get("status") == "done":
             print(f"[reproduce] {name}: finished, skipped", flush=True)
             continue
@@ -345,9 +366,11 @@ def run_grid(budget: Budget, out: Path, model: str, threads: int, time_limit_s: 
             print(f"[reproduce] time limit reached before {name}; rerun the same command to continue", flush=True)
             break
         print(f"[reproduce] {name}: starting ({budget.queries_per_run} reward queries)", flush=True)
-        index["runs"][name] = execute_run(budget, task, method, seed, out, model, threads)
+        record = execute_run(budget, task, method, seed, out, model, threads)
+        write_json_atomic(out / "runs" / name / "record.json", record)
+        index = collect_records(out, index)
         write_json_atomic(out / "results.json", index)
-    return index
+    return collect_records(out, index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -722,6 +745,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="minutes after which no new run starts (0: none); rerun to continue",
     )
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="K/N",
+        help="run only every N-th run starting at K (parallel processes sharing --out; 1 thread each is best)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="parallel processes, each a shard of the grid with 1 thread (default: 2, or 1 on one core); "
+        "1 runs in this process with --threads",
+    )
+    p.add_argument("--no-report", action="store_true", help="run only; no tables or figures (used by --jobs)")
     p.add_argument("--report-only", action="store_true", help="only rebuild tables and figures from the index")
     return p.parse_args(argv)
 
@@ -755,20 +792,67 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     return budget
 
 
+def select(index: dict[str, Any], budget: Budget) -> dict[str, Any]:
+    """The index restricted to ``budget``'s grid (a folder may hold more, e.g. the full grid around --quick)."""
+    names = {run_name(*run) for run in budget.runs()}
+    runs = {k: v for k, v in index["runs"].items() if k in names}
+    return {**index, "budget": asdict(budget), "runs": runs}
+
+
+def run_jobs(argv: list[str], jobs: int, out: Path) -> None:
+    """Run the grid in ``jobs`` processes (``--shard k/jobs``, 1 thread each) sharing ``out``; wait for all."""
+    import subprocess
+
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                *argv,
+                "--out",
+                str(out),
+                "--jobs",
+                "1",
+                "--shard",
+                f"{k}/{jobs}",
+                "--threads",
+                "1",
+                "--no-report",
+            ]
+        )
+        for k in range(jobs)
+    ]
+    codes = [child.wait() for child in children]
+    if any(codes):
+        raise SystemExit(f"a shard failed (exit codes {codes}); rerun the same command to continue")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run (or continue) the grid, then write the report; returns the results index."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     budget = budget_from_args(args)
-    out = args.out or Path("runs") / "reproduce" / budget.mode
-    command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    default_out = "runs/reproduce" if budget.mode in ("full", "quick") else "runs/reproduce-custom"
+    out = args.out or Path(default_out)
+    command = "python benchmarks/reproduce.py " + " ".join(argv)
+    t0 = time.perf_counter()
     if args.report_only:
         index = read_json(out / "results.json", None)
         if index is None:
             raise SystemExit(f"{out}/results.json does not exist: run the grid first")
+        index = collect_records(out, index)
+    elif args.jobs > 1:
+        load_index(out, budget)  # refuse a mismatched folder before starting any process
+        run_jobs(argv, args.jobs, out)
+        index = collect_records(out, load_index(out, budget))
     else:
-        t0 = time.perf_counter()
-        index = run_grid(budget, out, args.model, args.threads, args.time_limit * 60)
+        k, n = (int(x) for x in args.shard.split("/"))
+        index = run_grid(budget, out, args.model, args.threads, args.time_limit * 60, shard=(k, n))
+    if not args.report_only:
         print(f"[reproduce] grid pass took {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    if args.no_report:
+        return index
+    index = select(index, budget)
     report = write_report(index, out, command.strip())
     print(f"[reproduce] report: {report}", flush=True)
     if args.publish:
