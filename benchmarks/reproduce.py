@@ -632,9 +632,10 @@ def save_method_grids(index: dict[str, Any], out: Path, per_row: int = 8) -> lis
             count = min(per_row, len(data["images"]))
             images.extend(data["images"][:count])
             captions.extend(
-                f"{label}: {p} r={r:.2f}" for p, r in zip(data["prompts"][:count], data["rewards"][:count], strict=True)
+                f"{label} r={r:.2f} {p}" for p, r in zip(data["prompts"][:count], data["rewards"][:count], strict=True)
             )
-        grid = image_grid(np.stack(images), captions, columns=per_row, scale=3, caption_height=36)
+        scale = max(1, 128 // images[0].shape[1])  # ~128 px tiles: room for a two-line caption
+        grid = image_grid(np.stack(images), captions, columns=per_row, scale=scale, caption_height=26)
         path = out / f"grid_{task}.png"
         grid.save(path)
         paths.append(path)
