@@ -11,7 +11,7 @@ clipped-surrogate update. Two adapters from :mod:`diffusion_mdp.sb3` make it pos
 With ``ddpo_ppo_kwargs`` (γ = λ = 1, no per-minibatch advantage normalisation, ``vf_coef=0``, clip 1e-4)
 SB3's loss is DDPO-IS's loss; docs/plug_in.md lists where the two still differ.
 
-    python examples/sb3_ppo.py                      # tiny-shapes, prompt alignment, held-out eval (~10 min)
+    python examples/sb3_ppo.py                      # tiny-shapes, prompt alignment, held-out eval (~6 min)
     python examples/sb3_ppo.py --smoke --model <pipeline folder> --reward jpeg_compressibility
 """
 
@@ -83,13 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reward", default="prompt_alignment")
     parser.add_argument("--prompts", default="shapes_counting")
     parser.add_argument("--eval-prompts", default="shapes_heldout")
-    parser.add_argument("--rollouts", type=int, default=40, help="PPO iterations (one batch of N episodes each)")
+    parser.add_argument("--rollouts", type=int, default=100, help="PPO iterations (one batch of N episodes each)")
     parser.add_argument("--batch", type=int, default=16, help="N episodes per rollout (the VecEnv's num_envs)")
     parser.add_argument("--steps", type=int, default=10, help="T denoising steps")
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clip-range", type=float, default=1e-4)
-    parser.add_argument("--minibatches", type=int, default=1, help="SB3 minibatches per rollout")
+    # 4 optimiser steps per rollout: the 2nd to 4th are off-policy, where PPO's ratio and clip come in.
+    parser.add_argument("--minibatches", type=int, default=4, help="SB3 minibatches per rollout")
     parser.add_argument("--group", type=int, default=4, help="k episodes per prompt in each rollout (1: no groups)")
     parser.add_argument("--normalization", default="per_prompt", choices=["per_prompt", "group", "batch", "none"])
     parser.add_argument("--lora-rank", type=int, default=4, help="0: fine-tune the whole UNet")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="a few seconds: tiny batch, 2 steps, 1 rollout")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.rollouts, args.batch, args.group, args.steps, args.eval_batches = 1, 2, 2, 2, 1
+        args.rollouts, args.batch, args.group, args.steps, args.eval_batches, args.minibatches = 1, 2, 2, 2, 1, 1
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ import torch
 from lesson_utils import MODEL, REWARD, evaluate, pick, save_figure, save_results
 
 import diffusion_mdp  # noqa: F401
-from diffusion_mdp.agents.base import add_lora
 from diffusion_mdp.policy import DiffusionPolicy
 
 torch.manual_seed(0)
@@ -64,11 +63,12 @@ for use_baseline in (False, True):
 # ## B. REINFORCE on the denoising MDP
 #
 # Every denoising step is an action; all steps of an episode share its terminal reward. The loop: sample N
-# episodes, normalise their rewards (baseline = batch mean, scale = batch std), and descend
-# -mean_i Σ_t A_i log π_θ(a_t^i | s_t^i) / T. Only a LoRA adapter of the UNet is trained.
+# episodes — k = 4 of each of N/k prompts —, subtract a baseline (the mean reward of the *same prompt's*
+# samples: prompts differ in difficulty, lesson 6), divide by the batch std, and descend
+# -mean_i Σ_t A_i log π_θ(a_t^i | s_t^i) / T. The whole (4M-parameter) UNet is trained.
 
 # %%
-N, T, EPOCHS = pick(16, 2), pick(10, 2), pick(24, 1)
+N, K, T, EPOCHS = pick(16, 2), pick(4, 2), pick(10, 2), pick(40, 1)
 env = gym.make_vec(
     "DenoisingMDP-v0",
     num_envs=N,
@@ -78,31 +78,33 @@ env = gym.make_vec(
     num_steps=T,
     autoreset_mode="Disabled",
 )
-eval_env = gym.make_vec(
+eval_env = gym.make_vec(  # every training prompt once, fixed seeds
     "DenoisingMDP-v0",
-    num_envs=pick(12, 2),
+    num_envs=pick(45, 2),
     reward=REWARD,
-    prompts="shapes_heldout",
+    prompts="shapes_counting",
     num_steps=T,
     components=env.unwrapped.components,
     autoreset_mode="Disabled",
 )
 policy = DiffusionPolicy.from_env(env, guidance_scale=5.0)
-add_lora(policy.unet, rank=4, alpha=4.0)
-params = [p for p in policy.unet.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=1e-4)
+policy.unet.requires_grad_(True)
+params = list(policy.unet.parameters())
+optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-4)
 
-before = evaluate(policy, eval_env, num_batches=pick(2, 1))
+before = evaluate(policy, eval_env)
 train_rewards = []
 for epoch in range(EPOCHS):
-    obs, _ = env.reset(seed=epoch)
+    prompt_ids = np.repeat(np.random.default_rng(epoch).choice(45, N // K, replace=False), K)
+    obs, _ = env.reset(seed=epoch, options={"prompt_ids": prompt_ids})
     trajectory, terminated = [], np.zeros(N, dtype=bool)
     with torch.no_grad():
         while not terminated.all():
             actions, _ = policy.sample(obs)
             trajectory.append((obs, actions))
             obs, rewards, terminated, _, _ = env.step(actions)
-    advantages = torch.as_tensor((rewards - rewards.mean()) / (rewards.std() + 1e-6), dtype=torch.float32)
+    centred = rewards - rewards.reshape(-1, K).mean(axis=1).repeat(K)  # minus the same prompt's mean
+    advantages = torch.as_tensor(centred / (centred.std() + 1e-6), dtype=torch.float32)
     for step_obs, step_actions in trajectory:  # one backward per step: only one step's activations in memory
         loss = -(advantages * policy.log_prob(step_obs, step_actions)).mean() / T
         loss.backward()
@@ -111,8 +113,8 @@ for epoch in range(EPOCHS):
     optimizer.zero_grad()
     train_rewards.append(float(rewards.mean()))
     print(f"epoch {epoch + 1:2d}: mean reward {rewards.mean():.4f}")
-after = evaluate(policy, eval_env, num_batches=pick(2, 1))
-print(f"held-out (fixed seeds) reward: before {before['mean']:.4f} → after {after['mean']:.4f}")
+after = evaluate(policy, eval_env)
+print(f"training prompts (fixed seeds) reward: before {before['mean']:.4f} → after {after['mean']:.4f}")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -122,8 +124,10 @@ axes[0].axhline(3, color="gray", ls=":", label="optimum μ = 3")
 axes[0].set(title="A: REINFORCE on N(μ, 1), 8 samples/step", xlabel="gradient step", ylabel="μ")
 axes[0].legend(fontsize=8)
 axes[1].plot(np.arange(1, EPOCHS + 1), train_rewards, "o-", label="training batch (fresh samples)")
-axes[1].axhline(before["mean"], color="tab:red", ls="--", label=f"held-out before {before['mean']:.3f}")
-axes[1].axhline(after["mean"], color="tab:green", ls="--", label=f"held-out after {after['mean']:.3f}")
+axes[1].axhline(
+    before["mean"], color="tab:red", ls="--", label=f"training prompts, fixed seeds: before {before['mean']:.3f}"
+)
+axes[1].axhline(after["mean"], color="tab:green", ls="--", label=f"after {after['mean']:.3f}")
 axes[1].set(title=f"B: REINFORCE on the denoising MDP ({REWARD})", xlabel="epoch", ylabel="reward")
 axes[1].legend(fontsize=8)
 fig.suptitle("Lesson 2: policy gradients from scratch")
@@ -143,8 +147,7 @@ save_results(
 #
 # 1. In part A, replace the baseline r.mean() by a constant 100. Is the estimate still unbiased? What happens
 #    to its variance, and to the learning curve?
-# 2. In part B, drop the division by the std (keep the mean baseline). With a reward in [0, 1], what does
-#    that do to the effective learning rate? Then drop the baseline too: every reward is positive — what
-#    does the gradient push towards?
+# 2. In part B, replace the per-prompt baseline by the batch mean, then drop the baseline altogether (every
+#    reward is positive: what does the gradient push towards?). Compare the learning curves.
 # 3. The loss divides by T. Train on only the first half of the steps (large t) or only the last half.
 #    Which half matters more for prompt alignment (compare with lesson 1's r(x̂_0) plot)?
