@@ -33,7 +33,6 @@ model and each method on the same noise), ``overoptimisation.png``; ``--publish 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -41,7 +40,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -213,16 +212,6 @@ def _score_fn(name: str) -> Any:
     return make_reward(name)
 
 
-@contextlib.contextmanager
-def _base_model(agent: Any) -> Iterator[None]:
-    """The pre-trained model: the LoRA adapter off. Its B matrix starts at zero, so this is the epoch-0 policy."""
-    agent.unet.disable_adapters()
-    try:
-        yield
-    finally:
-        agent.unet.enable_adapters()
-
-
 def measure(agent: Any, sets: Sequence[str], num_samples: int, task_reward: str) -> tuple[dict[str, Any], Any]:
     """Score the agent on each prompt set (fixed noise, η = 0): task reward, soft and strict alignment.
 
@@ -261,7 +250,7 @@ def execute_run(budget: Budget, task: str, method: str, seed: int, out: Path, mo
     """
     import torch
 
-    from diffusion_mdp.agents import resume_config, train
+    from diffusion_mdp.agents import make_agent, resume_config, train
 
     config = run_config(budget, task, method, seed, out, model, threads)
     run_dir = config.run_dir
@@ -273,7 +262,15 @@ def execute_run(budget: Budget, task: str, method: str, seed: int, out: Path, mo
     start_epoch = int(torch.load(checkpoint, weights_only=False)["epoch"]) if checkpoint.is_file() else 0
     done = {entry["epoch"] for entry in state["trace"]}
     targets = sorted({*range(budget.trace_every, budget.num_epochs + 1, budget.trace_every), budget.num_epochs})
-    agent = None
+    if 0 not in done:
+        # The pre-trained model: a fresh agent before any update (LoRA or full fine-tuning alike).
+        t0 = time.perf_counter()
+        scores, images = measure(make_agent(config), sets, budget.eval_samples, spec.reward)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(run_dir / "eval_images_epoch0000.npz", **images)
+        state["trace"].insert(0, {"epoch": 0, "queries": 0, "scores": scores})
+        state["wall_s"] += time.perf_counter() - t0
+        done.add(0)
     for target in targets:
         if target in done or target < start_epoch:
             continue  # measured already, or (killed between checkpoint and trace) no longer measurable
@@ -283,12 +280,6 @@ def execute_run(budget: Budget, task: str, method: str, seed: int, out: Path, mo
             agent, _ = train(resume_config(run_dir, overrides), resume=True)
         else:
             agent, _ = train(config.replace(num_epochs=target))
-        if 0 not in done:
-            with _base_model(agent):
-                scores, images = measure(agent, sets, budget.eval_samples, spec.reward)
-            np.savez_compressed(run_dir / "eval_images_epoch0000.npz", **images)
-            state["trace"].insert(0, {"epoch": 0, "queries": 0, "scores": scores})
-            done.add(0)
         scores, images = measure(agent, sets, budget.eval_samples, spec.reward)
         if target == budget.num_epochs:
             np.savez_compressed(run_dir / f"eval_images_epoch{target:04d}.npz", **images)
