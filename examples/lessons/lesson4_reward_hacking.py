@@ -37,7 +37,7 @@ config = build_config(
     sample_batch_size=pick(16, 2),
     train_batch_size=pick(16, 2),
     num_inner_epochs=pick(2, 1),
-    learning_rate=1e-3,  # a large step on purpose: hacking sets in within a few epochs
+    learning_rate=5e-4,  # large enough that the hacking shows within a few epochs (1e-3 breaks it at once)
     use_lora=False,  # full fine-tuning: the LoRA on a few attention layers is slower to break the images
     eval_num_samples=pick(8, 2),
     progress_bar=False,
@@ -73,7 +73,7 @@ n = len(before["images"])
 fig = plt.figure(figsize=(max(8, 1.3 * n), 6))
 grid = fig.add_gridspec(3, n, height_ratios=[1, 1, 1.6])
 short = [p.replace("three", "3").replace("four", "4").replace("two", "2") for p in before["prompts"]]
-show_images([fig.add_subplot(grid[0, i]) for i in range(n)], before["images"], [f"before: {p}" for p in short])
+show_images([fig.add_subplot(grid[0, i]) for i in range(n)], before["images"], [f"before:\n{p}" for p in short])
 show_images([fig.add_subplot(grid[1, i]) for i in range(n)], after["images"], ["after"] * n)
 ax = fig.add_subplot(grid[2, :])
 ax.plot(history["epoch"], history[HACKED], "o-", color="tab:red", label=f"{HACKED} (optimised), kB")

@@ -126,6 +126,16 @@ save_results(
 )
 
 # %% [markdown]
+# ## What the figure shows
+#
+# Left: the hard prompts (counts of 2 or 3 here) have a low mean and a spread; many prompts are saturated
+# (every sample scores ≈ 1). Right, orange: under batch normalisation every sample of a saturated prompt gets
+# the same positive advantage and the hard prompts' samples are mostly negative — the prompt explains a
+# large share of the advantage. Blue: per-prompt advantages are centred within each prompt. But look at the
+# saturated prompts in blue: their rewards differ by 1e-4 or less, and dividing by their tiny σ_c blows
+# these differences up to ±1 or ±2 — per-prompt *std* normalisation amplifies noise where a prompt is
+# already solved (one reason `examples/extension_grpo.py` divides by the batch's std instead).
+#
 # ## Exercises
 #
 # 1. Train twice for the same budget, `diffusion-mdp train --preset tiny-shapes --advantage-mode batch` and
