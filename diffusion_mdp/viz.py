@@ -29,7 +29,7 @@ def image_grid(
 
     >>> grid = image_grid(np.zeros((3, 8, 8, 3), np.uint8), ["a", "b", "c"], columns=2, scale=4)
     >>> grid.size
-    (68, 112)
+    (70, 118)
     """
     images = [np.asarray(im) for im in images]
     if not images:
