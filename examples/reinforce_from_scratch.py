@@ -3,8 +3,8 @@
 The whole algorithm, using only the Gymnasium env and the policy's ``log_prob``:
 
     repeat:
-        sample N episodes s_0, a_0, ..., s_{T-1}, a_{T-1} with the current policy; the env scores x_0: r
-        A = (r - mean(r)) / std(r)                       # a baseline, so only *relative* quality matters
+        sample N episodes (k of each of N/k prompts) s_0, a_0, ..., s_{T-1}, a_{T-1}; the env scores x_0: r
+        A = r - mean(r of the same prompt's k samples)   # a baseline: only *relative* quality matters
         loss = - mean_i sum_t A_i log π_θ(a_t^i | s_t^i) / T
         one gradient step on loss
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=3e-5)
     # The tiny-shapes UNet has 4M parameters and attention only at 4x4: a LoRA there (32k parameters) learns
     # far more slowly per sample than fine-tuning the whole UNet, which is affordable at this size.
+    parser.add_argument("--adv-scale", type=float, default=10.0, help="A = scale * (r - prompt mean)")
     parser.add_argument("--lora-rank", type=int, default=0, help="0: fine-tune the whole UNet; r > 0: a LoRA")
     parser.add_argument("--eval-batches", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -130,11 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
                 obs, rewards, terminated, _, _ = env.step(actions)
 
         # 2. Advantages: the terminal reward minus a baseline, the mean reward of the same prompt in the batch
-        #    (prompts differ in difficulty: a batch-wide baseline would mostly reward "being an easy prompt"),
-        #    scaled by the batch's std of these differences.
+        #    (prompts differ in difficulty: a batch-wide baseline would mostly reward "being an easy prompt").
+        #    No division by a std: when most prompts are solved (rewards ≈ 1), that std is ~1e-4 and dividing
+        #    by it turns reward noise into full-size advantages, a random walk that wrecks the model.
         baseline = rewards.reshape(-1, k).mean(axis=1).repeat(k) if k > 1 else np.full_like(rewards, rewards.mean())
-        centred = rewards - baseline
-        advantages = torch.as_tensor(centred / (centred.std() + 1e-6), dtype=torch.float32)
+        advantages = torch.as_tensor((rewards - baseline) * args.adv_scale, dtype=torch.float32)
 
         # 3. The policy gradient. One backward per step keeps only one step's activations in memory; the
         #    gradients add up to ∇ of the sum over steps.
