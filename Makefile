@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 setup: $(STAMP)
 
 train: $(STAMP)
-	$(PY) examples/denoise_by_hand.py --out runs/denoising_strip.png
+	$(VENV)/bin/diffusion-mdp train --preset tiny-shapes
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
