@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -42,10 +43,69 @@ SD_SCHEDULER_CONFIG = {
 }
 
 
+@dataclass(frozen=True)
+class TinySize:
+    """Widths of a tiny pipeline: image side, VAE / UNet channels, text width and depth."""
+
+    image_size: int
+    vae_channels: tuple[int, int]
+    unet_channels: tuple[int, int]
+    text_width: int
+    text_layers: int
+    text_heads: int
+    norm_groups: int
+    max_length: int
+
+
+SIZES = {
+    # The reference tiny pipeline of the docstring above (tests of the core, benchmarks).
+    "reference": TinySize(64, (16, 32), (32, 64), 32, 2, 4, 8, 16),
+    # Its architecture shrunk to 16×16 images / 4×8×8 latents, for tests that train (agents, reproduction).
+    "micro": TinySize(16, (8, 16), (16, 32), 16, 1, 2, 4, 8),
+}
+
+
+def tiny_text_config(tokenizer: Any, size: TinySize, **extra: Any) -> Any:
+    """A ``CLIPTextConfig`` of ``size``'s width and depth for ``tokenizer``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.text_width,
+        intermediate_size=2 * size.text_width,
+        num_hidden_layers=size.text_layers,
+        num_attention_heads=size.text_heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def tiny_vae(size: TinySize, **extra: Any) -> Any:
+    """An ``AutoencoderKL`` with one downsampling (latents 4 × image_size/2 × image_size/2)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=size.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=size.norm_groups,
+        sample_size=size.image_size,
+        **extra,
+    )
+
+
 def build_reference_tiny_pipeline(
     save_directory: str | os.PathLike[str],
     seed: int = 0,
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon",
+    size: Literal["reference", "micro"] = "reference",
 ) -> Path:
     """Build the reference tiny pipeline and save it as a diffusers pipeline folder.
 
@@ -53,50 +113,31 @@ def build_reference_tiny_pipeline(
         save_directory: Folder to write (``StableDiffusionPipeline.save_pretrained`` layout).
         seed: Seed of the random weights.
         prediction_type: The scheduler's (and so the policy's) prediction type.
+        size: ``"reference"`` (64×64 images, see the module docstring) or ``"micro"`` (the same architecture
+            at 16×16, for tests that train).
 
     Returns:
         The folder, loadable with ``load_components`` or ``StableDiffusionPipeline.from_pretrained``.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
+    dims = SIZES[size]
     torch.manual_seed(seed)
-    tokenizer = build_word_tokenizer(REFERENCE_WORDS, model_max_length=16)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    tokenizer = build_word_tokenizer(REFERENCE_WORDS, model_max_length=dims.max_length)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, dims))
+    vae = tiny_vae(dims)
     unet = UNet2DConditionModel(
-        sample_size=32,
+        sample_size=dims.image_size // 2,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=dims.unet_channels,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=dims.text_width,
         attention_head_dim=8,
-        norm_num_groups=8,
+        norm_num_groups=dims.norm_groups,
     )
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG, prediction_type=prediction_type)
     pipeline = StableDiffusionPipeline(
@@ -127,41 +168,16 @@ def build_reference_tiny_sdxl_pipeline(save_directory: str | os.PathLike[str], s
     Returns:
         The folder, loadable with ``load_components`` or ``StableDiffusionXLPipeline.from_pretrained``.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    dims = SIZES["reference"]
     torch.manual_seed(seed)
-    tokenizer = build_word_tokenizer(REFERENCE_WORDS, model_max_length=16)
-    tokenizer_2 = build_word_tokenizer(REFERENCE_WORDS, model_max_length=16)
-
-    def text_config(**extra: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **extra,
-        )
-
-    text_encoder = CLIPTextModel(text_config())
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(projection_dim=32))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,  # SDXL's VAE scaling
-    )
+    tokenizer = build_word_tokenizer(REFERENCE_WORDS, model_max_length=dims.max_length)
+    tokenizer_2 = build_word_tokenizer(REFERENCE_WORDS, model_max_length=dims.max_length)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, dims))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer, dims, projection_dim=32))
+    vae = tiny_vae(dims, scaling_factor=0.13025)  # SDXL's VAE scaling
     unet = UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
