@@ -70,7 +70,7 @@ for use_baseline in (False, True):
 # dividing by it would turn reward noise into full-size advantages. A LoRA adapter of the UNet is trained.
 
 # %%
-N, K, T, EPOCHS = pick(16, 2), pick(4, 2), pick(10, 2), pick(40, 1)
+N, K, T, EPOCHS = pick(16, 2), pick(4, 2), pick(10, 2), pick(30, 1)
 env = gym.make_vec(
     "DenoisingMDP-v0",
     num_envs=N,
