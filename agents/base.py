@@ -324,9 +324,10 @@ class DiffusionAgent:
                 try:
                     next_obs, rewards, _, _, info = self.env.step(actions)
                 except RewardError as exc:
+                    saved = self._save_unscored_samples(epoch, b, actions, list(obs["prompt"]))
                     raise RewardError(
-                        f"epoch {epoch + 1}, sample batch {b + 1}/{num_batches}: {exc}. Nothing of this epoch was "
-                        f"saved; the last checkpoint ({self._checkpoint_note()}) is intact."
+                        f"epoch {epoch + 1}, sample batch {b + 1}/{num_batches}: {exc}. This epoch's samples so "
+                        f"far are saved in {saved}; the last checkpoint ({self._checkpoint_note()}) is intact."
                     ) from exc
                 buffer.add(obs, actions, rewards, log_prob=log_probs, block_start=b * cfg.sample_batch_size)
                 next_obs["prompt_embeds"], next_obs["group_id"] = obs["prompt_embeds"], group_ids
@@ -339,9 +340,10 @@ class DiffusionAgent:
             try:
                 values, _ = future.result()
             except RewardError as exc:
+                saved = self._save_unscored_samples(epoch, None, None, [])
                 raise RewardError(
-                    f"epoch {epoch + 1}, sample batch {b + 1}/{num_batches}: {exc}. Nothing of this epoch was "
-                    f"saved; the last checkpoint ({self._checkpoint_note()}) is intact."
+                    f"epoch {epoch + 1}, sample batch {b + 1}/{num_batches}: {exc}. This epoch's samples are "
+                    f"saved in {saved}; the last checkpoint ({self._checkpoint_note()}) is intact."
                 ) from exc
             rows = slice(b * cfg.sample_batch_size, (b + 1) * cfg.sample_batch_size)
             buffer.rewards[rows, -1] = torch.as_tensor(values, device=buffer.device, dtype=torch.float64)
@@ -360,6 +362,28 @@ class DiffusionAgent:
             "reward_min": float(rewards.min()),
             "reward_max": float(rewards.max()),
         }
+
+    def _save_unscored_samples(
+        self, epoch: int, failed_batch: int | None, failed_latents: Tensor | None, failed_prompts: list[str]
+    ) -> Path:
+        """Keep an epoch's samples when its reward fails, so that no sampling work is lost.
+
+        Writes ``<run>/failed_rewards/epoch<e>.pt`` (atomically) with the x_0 latents ``(n, C, h, w)`` and
+        prompts of every trajectory sampled so far (the buffer's complete batches, plus the batch whose
+        reward failed): decode them with the VAE and score them once the reward works again.
+        """
+        cfg, buffer = self.config, self.buffer
+        done = buffer.block_start  # trajectories of complete batches in the buffer
+        latents = [buffer.final_latents[:done].cpu()]
+        prompts = list(buffer.prompts[:done])
+        if failed_latents is not None:
+            latents.append(failed_latents.detach().float().cpu())
+            prompts.extend(failed_prompts)
+        path = self.run_dir / "failed_rewards" / f"epoch{epoch + 1}.pt"
+        payload = {"latents": torch.cat(latents), "prompts": prompts, "epoch": epoch + 1, "batch": failed_batch}
+        payload["reward"] = cfg.reward
+        atomic_torch_save(payload, path)
+        return path
 
     def _checkpoint_note(self) -> str:
         if self.checkpoint_path.is_file():

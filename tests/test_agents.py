@@ -314,3 +314,8 @@ def test_reward_error_keeps_the_last_checkpoint(micro: Path, prompt_file: Path, 
     assert "epoch 2, sample batch 1/2" in str(info.value) and "intact" in str(info.value)
     state = torch.load(tmp_path / "t" / "checkpoints" / "last.pt", weights_only=False)
     assert state["epoch"] == 1 and len(state["history"]) == 1
+    # The failing epoch's samples are kept: x_0 latents and prompts of the batch whose reward failed.
+    kept = torch.load(tmp_path / "t" / "failed_rewards" / "epoch2.pt", weights_only=False)
+    assert "failed_rewards" in str(info.value)
+    assert kept["latents"].shape[0] == len(kept["prompts"]) == cfg.sample_batch_size
+    assert torch.isfinite(kept["latents"]).all() and kept["batch"] == 0
