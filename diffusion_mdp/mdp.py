@@ -158,7 +158,8 @@ class DenoisingMDP:
             self.prompt_ids[env_id] = self.prompts.sample(rng)
             if prompt_ids is not None:
                 if not 0 <= int(prompt_ids[i]) < len(self.prompts):
-                    raise ValueError(f"prompt id {prompt_ids[i]} is outside the prompt set's 0..{len(self.prompts) - 1}")
+                    last = len(self.prompts) - 1
+                    raise ValueError(f"prompt id {prompt_ids[i]} is outside the prompt set's 0..{last}")
                 self.prompt_ids[env_id] = int(prompt_ids[i])
             noise_seed = int(rng.integers(2**63 - 1))
             noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(noise_seed))

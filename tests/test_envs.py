@@ -205,3 +205,11 @@ def test_a_failing_reward_names_itself_and_the_batch(reference_components, rewar
 def test_eta_must_be_positive(reference_components) -> None:
     with pytest.raises(ValueError, match="eta must be > 0"):
         make_env(reference_components, eta=0.0)
+
+
+def test_reset_options_fix_prompts_and_reject_bad_ids(reference_components) -> None:
+    venv = DenoisingVectorEnv(2, components=reference_components, prompts=PROMPTS, num_steps=1)
+    obs, _ = venv.reset(seed=0, options={"prompt_ids": [2, 2]})
+    assert obs["prompt"] == (PROMPTS[2], PROMPTS[2])
+    with pytest.raises(ValueError, match="outside the prompt set"):
+        venv.reset(seed=0, options={"prompt_ids": [0, 7]})
