@@ -34,59 +34,9 @@ reproduce = _load_reproduce()
 @pytest.fixture(scope="module")
 def micro_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference tiny pipeline's structure (SD's UNet/VAE/CLIP/DDIM), shrunk to 16×16 images."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusion_mdp.testing import build_reference_tiny_pipeline
 
-    from diffusion_mdp.testing import REFERENCE_WORDS, SD_SCHEDULER_CONFIG
-    from diffusion_mdp.tokenizer import build_word_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_word_tokenizer(REFERENCE_WORDS, model_max_length=8)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=8,
-        norm_num_groups=4,
-    )
-    folder = tmp_path_factory.mktemp("micro-pipeline")
-    StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder)
-    return folder
+    return build_reference_tiny_pipeline(tmp_path_factory.mktemp("micro-pipeline"), size="micro")
 
 
 def smoke_args(model: Path, out: Path, methods: list[str]) -> list[str]:
