@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+
+from diffusion_mdp.viz import image_grid
 
 
 def save_grid(
@@ -19,50 +20,22 @@ def save_grid(
     cell: int = 128,
     title: str | None = None,
 ) -> Path:
-    """Save ``images`` as a grid with a caption under each.
+    """Save ``images`` as a grid with a caption under each (``diffusion_mdp.viz.image_grid``).
 
     Args:
         images: ``uint8`` ``(B, H, W, 3)``.
-        captions: ``B`` strings (e.g. prompt and reward), wrapped to the cell width.
+        captions: ``B`` strings (e.g. prompt and reward), wrapped to the cell width, up to 3 lines.
         path: Output PNG.
         ncols: Columns.
         cell: Side of each image cell in pixels (small images are upscaled, nearest neighbour).
         title: Optional line on top.
     """
-    images = np.asarray(images)
-    count = len(images)
-    ncols = max(1, min(ncols, count))
-    nrows = int(np.ceil(count / ncols))
-    font = ImageFont.load_default()
-    chars_per_line = max(8, cell // 6)
-    lines = [_wrap(str(c), chars_per_line)[:3] for c in captions]
-    text_h = 12 * max((len(x) for x in lines), default=1) + 4
-    top = 16 if title else 0
-    canvas = Image.new("RGB", (ncols * cell, top + nrows * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((4, 2), title, fill="black", font=font)
-    for i, image in enumerate(images):
-        row, col = divmod(i, ncols)
-        x, y = col * cell, top + row * (cell + text_h)
-        canvas.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (x, y))
-        for j, line in enumerate(lines[i] if i < len(lines) else []):
-            draw.text((x + 2, y + cell + 2 + 12 * j), line, fill="black", font=font)
+    columns = max(1, min(ncols, len(images)))
+    grid = image_grid(images, captions, columns=columns, caption_lines=3, cell=cell, title=title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    grid.save(path)
     return path
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return [*lines, line] if line else lines
 
 
 def plot_rewards(

@@ -637,7 +637,7 @@ def save_method_grids(index: dict[str, Any], out: Path, per_row: int = 8) -> lis
                 f"{label} r={r:.2f} {p}" for p, r in zip(data["prompts"][:count], data["rewards"][:count], strict=True)
             )
         scale = max(1, 128 // images[0].shape[1])  # ~128 px tiles: room for a two-line caption
-        grid = image_grid(np.stack(images), captions, columns=per_row, scale=scale, caption_height=26)
+        grid = image_grid(np.stack(images), captions, columns=per_row, scale=scale, caption_lines=2)
         path = out / f"grid_{task}.png"
         grid.save(path)
         paths.append(path)

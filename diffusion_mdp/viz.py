@@ -13,7 +13,9 @@ def image_grid(
     captions: Sequence[str] | None = None,
     columns: int | None = None,
     scale: int = 1,
-    caption_height: int = 24,
+    caption_lines: int = 2,
+    cell: int | None = None,
+    title: str | None = None,
 ) -> Image.Image:
     """Tile images into one picture, each with an optional caption underneath.
 
@@ -22,7 +24,9 @@ def image_grid(
         captions: One caption per image (long captions wrap onto a second line).
         columns: Images per row (default: up to 8).
         scale: Integer upscaling (nearest neighbour, so small images stay crisp).
-        caption_height: Pixels reserved under each image for its caption.
+        caption_lines: Lines of wrapped caption kept under each image (11 pixels each).
+        cell: Side of each square tile in pixels, overriding ``scale``.
+        title: Optional line of text above the grid.
 
     Returns:
         A PIL image.
@@ -37,24 +41,33 @@ def image_grid(
     n = len(images)
     columns = columns or min(n, 8)
     rows = (n + columns - 1) // columns
-    height, width = images[0].shape[0] * scale, images[0].shape[1] * scale
-    label = caption_height if captions is not None else 0
+    if cell is not None:
+        height = width = cell
+    else:
+        height, width = images[0].shape[0] * scale, images[0].shape[1] * scale
+    label = 11 * caption_lines + 2 if captions is not None else 0
     pad = 2
-    grid = Image.new("RGB", (columns * (width + pad) + pad, rows * (height + label + pad) + pad), "white")
+    top = 16 if title else 0
+    size = (columns * (width + pad) + pad, top + rows * (height + label + pad) + pad)
+    grid = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
     for i, image in enumerate(images):
         row, col = divmod(i, columns)
-        x, y = pad + col * (width + pad), pad + row * (height + label + pad)
+        x, y = pad + col * (width + pad), top + pad + row * (height + label + pad)
         tile = Image.fromarray(image).resize((width, height), Image.NEAREST)
         grid.paste(tile, (x, y))
-        if captions is not None:
-            _draw_caption(draw, captions[i], x, y + height + 1, width, font)
+        if captions is not None and i < len(captions):
+            _draw_caption(draw, str(captions[i]), x, y + height + 1, width, font, caption_lines)
     return grid
 
 
-def _draw_caption(draw: ImageDraw.ImageDraw, text: str, x: int, y: int, width: int, font) -> None:
-    """Write ``text`` in up to two lines that fit ``width`` pixels."""
+def _draw_caption(
+    draw: ImageDraw.ImageDraw, text: str, x: int, y: int, width: int, font: ImageFont.ImageFont, max_lines: int
+) -> None:
+    """Write ``text`` in up to ``max_lines`` lines that fit ``width`` pixels."""
     words, lines, line = text.split(), [], ""
     for word in words:
         candidate = f"{line} {word}".strip()
@@ -64,5 +77,5 @@ def _draw_caption(draw: ImageDraw.ImageDraw, text: str, x: int, y: int, width: i
             lines.append(line)
             line = word
     lines.append(line)
-    for k, text_line in enumerate(lines[:2]):
+    for k, text_line in enumerate(lines[:max_lines]):
         draw.text((x, y + 11 * k), text_line, fill="black", font=font)
