@@ -613,11 +613,13 @@ class DiffusionAgent:
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        """Final outputs: the LoRA in diffusers format, the reward plot, before/after grids, summary.json."""
+        """Final outputs: the LoRA (or full UNet) in diffusers format, the reward plot, summary.json."""
         if not self.dist.is_main:
             return {"epochs": self.epoch, "run_dir": str(self.run_dir), "rank": self.dist.rank}
         if self.config.use_lora:
             export_lora(self.unet, self.run_dir / "lora")
+        else:  # full fine-tuning: the whole UNet, loadable with UNet2DConditionModel.from_pretrained(run / "unet")
+            self.unet.save_pretrained(self.run_dir / "unet")
         plot_rewards(self.history, self.eval_history, self.run_dir / "reward_curve.png")
         summary: dict[str, Any] = {"epochs": self.epoch, "run_dir": str(self.run_dir)}
         if self.eval_history:
