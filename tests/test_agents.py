@@ -268,6 +268,19 @@ def test_lora_export_round_trip(micro: Path, prompt_file: Path, tmp_path: Path) 
     torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-4)
 
 
+def test_full_finetuning_exports_the_unet(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    agent, _ = train(tiny_config(micro, prompt_file, tmp_path, num_epochs=1, eval_num_samples=0, use_lora=False))
+    base = UNet2DConditionModel.from_pretrained(micro, subfolder="unet")
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "t" / "unet")
+    trained = dict(agent.unet.named_parameters())
+    changed = [n for n, p in base.named_parameters() if not torch.equal(p, trained[n])]
+    assert changed, "training did not change any UNet weight"
+    for name, param in exported.named_parameters():
+        assert torch.equal(param, trained[name]), name
+
+
 # ------------------------------------------------------------------------------------------------
 # Failures
 # ------------------------------------------------------------------------------------------------
