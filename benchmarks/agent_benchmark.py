@@ -149,8 +149,10 @@ def main() -> None:
         f"{'floor s':>9}{'x floor':>8}{'ratio@mb0':>12}{'RSS MiB':>9}"
     )
     print(header)
+    results = []
     for name in args.settings.split(","):
         r = run_setting(name, SETTINGS[name], pipeline, args.epochs, args.threads)
+        results.append(r)
         print(
             f"{r['setting']:<20}{r['epoch_s']:>9.2f}{r['sampling_s']:>9.2f}{r['reward_s']:>8.3f}{r['training_s']:>9.2f}"
             f"{r['ms_per_sample_step']:>12.1f}{r['floor_s']:>9.2f}{r['ratio_to_floor']:>8.2f}"
@@ -158,6 +160,10 @@ def main() -> None:
             flush=True,
         )
         print(f"    floor: UNet fwd {r['floor_fwd_ms']:.1f} ms, fwd+bwd {r['floor_fwdbwd_ms']:.1f} ms at batch 16")
+    fp32 = next((r for r in results if r["setting"] == "fp32"), None)
+    if fp32 is not None:  # "below the fp32 floor": every setting's epoch against the fp32 compute floor
+        ratios = [f"{r['setting']} {r['epoch_s'] / fp32['floor_s']:.2f}" for r in results]
+        print("epoch time / fp32 floor: " + ", ".join(ratios))
 
 
 if __name__ == "__main__":
