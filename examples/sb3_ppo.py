@@ -11,7 +11,7 @@ clipped-surrogate update. Two adapters from :mod:`diffusion_mdp.sb3` make it pos
 With ``ddpo_ppo_kwargs`` (γ = λ = 1, no per-minibatch advantage normalisation, ``vf_coef=0``, clip 1e-4)
 SB3's loss is DDPO-IS's loss; docs/plug_in.md lists where the two still differ.
 
-    python examples/sb3_ppo.py                      # tiny-shapes, prompt alignment, held-out eval (100 iterations)
+    python examples/sb3_ppo.py                      # tiny-shapes, JPEG compressibility, held-out eval (~5 min)
     python examples/sb3_ppo.py --smoke --model <pipeline folder> --reward jpeg_compressibility
 """
 
@@ -80,20 +80,21 @@ class RewardPrinter(BaseCallback):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="pipeline folder (default: bundled tiny-shapes)")
-    parser.add_argument("--reward", default="prompt_alignment")
-    parser.add_argument("--prompts", default="shapes_counting")
+    parser.add_argument("--reward", default="jpeg_compressibility")
+    parser.add_argument("--prompts", default="shapes_train")
     parser.add_argument("--eval-prompts", default="shapes_heldout")
-    parser.add_argument("--rollouts", type=int, default=100, help="PPO iterations (one batch of N episodes each)")
-    parser.add_argument("--batch", type=int, default=16, help="N episodes per rollout (the VecEnv's num_envs)")
+    parser.add_argument("--rollouts", type=int, default=40, help="PPO iterations (one batch of N episodes each)")
+    # Big rollouts, few optimiser steps: see docs/agents.md, "Tuning on tiny-shapes".
+    parser.add_argument("--batch", type=int, default=64, help="N episodes per rollout (the VecEnv's num_envs)")
     parser.add_argument("--steps", type=int, default=10, help="T denoising steps")
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--clip-range", type=float, default=1e-4)
-    # 4 optimiser steps per rollout: the 2nd to 4th are off-policy, where PPO's ratio and clip come in.
-    parser.add_argument("--minibatches", type=int, default=4, help="SB3 minibatches per rollout")
+    # 2 optimiser steps per rollout: the 2nd is off-policy, where PPO's ratio and clip come in.
+    parser.add_argument("--minibatches", type=int, default=2, help="SB3 minibatches per rollout")
     parser.add_argument("--group", type=int, default=4, help="k episodes per prompt in each rollout (1: no groups)")
     parser.add_argument("--normalization", default="per_prompt", choices=["per_prompt", "group", "batch", "none"])
-    parser.add_argument("--lora-rank", type=int, default=4, help="0: fine-tune the whole UNet")
+    parser.add_argument("--lora-rank", type=int, default=0, help="0: fine-tune the whole UNet; r > 0: a LoRA")
     parser.add_argument("--eval-batches", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
