@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     overrides: dict = dict(
-        algorithm="grpo", advantage_mode="group", group_size=4, kl_coef=args.kl_coef, num_epochs=args.epochs
+        algorithm="grpo", advantage_mode="group", group_size=4, kl_coef=args.kl_coef, num_epochs=args.epochs,
+        # the KL's reference is the UNet with its LoRA disabled; the preset's 128-sample steps do not fit here
+        use_lora=True, learning_rate=3e-4, samples_per_epoch=32, sample_batch_size=16, train_batch_size=16,
+        gradient_accumulation_steps=1
     )
     overrides.update(name="grpo", output_dir=args.out, progress_bar=False, log_formats="csv")
     if args.model:

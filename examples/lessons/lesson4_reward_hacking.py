@@ -36,6 +36,7 @@ config = build_config(
     samples_per_epoch=pick(32, 2),
     sample_batch_size=pick(16, 2),
     train_batch_size=pick(16, 2),
+    gradient_accumulation_steps=1,
     num_inner_epochs=pick(2, 1),
     learning_rate=5e-4,  # large enough that the hacking shows within a few epochs (1e-3 breaks it at once)
     use_lora=False,  # full fine-tuning: the LoRA on a few attention layers is slower to break the images
