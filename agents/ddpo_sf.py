@@ -22,6 +22,19 @@ class DDPOSF(DiffusionAgent):
     algorithm: ClassVar[str] = "ddpo_sf"
 
     def train_on_rollouts(self, epoch: int) -> dict[str, float]:
+        loss, kl = self.accumulate_gradient(epoch)
+        grad_norm = self.optimizer_step()
+        metrics = {"loss": loss, "grad_norm": grad_norm}
+        if kl is not None:
+            metrics["kl_ref"] = kl
+        return metrics
+
+    def accumulate_gradient(self, epoch: int) -> tuple[float, float | None]:
+        """Add ∇ of the epoch's REINFORCE loss to the trainable parameters' ``.grad``; no optimizer step.
+
+        Returns:
+            ``(mean loss, mean KL to the reference or None)`` over the epoch's steps.
+        """
         cfg, buffer = self.config, self.buffer
         buffer.compute_returns_and_advantage(self.normalizer, cfg.adv_clip_max)
         minibatches = list(buffer.get(cfg.train_batch_size, cfg.timestep_fraction, self.shuffle_generator(epoch, 0)))
@@ -39,11 +52,7 @@ class DDPOSF(DiffusionAgent):
                     kls.append(float(kl.detach()))
                 self.backward(loss * scale)
                 losses.append(float(loss.detach()))
-        grad_norm = self.optimizer_step()
-        metrics = {"loss": float(np.mean(losses)), "grad_norm": grad_norm}
-        if kls:
-            metrics["kl_ref"] = float(np.mean(kls))
-        return metrics
+        return float(np.mean(losses)), (float(np.mean(kls)) if kls else None)
 
 
 __all__ = ["DDPOSF"]

@@ -26,22 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 
 def policy_gradient(agent: Any, epoch: int) -> tuple[torch.Tensor, float]:
-    """The flattened gradient ``(P,)`` of -mean_{i,t} A_i log π(a_t^i | s_t^i) on fresh rollouts; their mean reward."""
-    cfg = agent.config
+    """The flattened gradient ``(P,)`` of DDPO-SF's loss -mean_{i,t} A_i log π(a_t^i | s_t^i) on fresh rollouts,
+    and their mean reward."""
     stats = agent.collect_rollouts(epoch)
-    agent.buffer.compute_returns_and_advantage(agent.normalizer, cfg.adv_clip_max)
     agent.optimizer.zero_grad(set_to_none=True)
-    minibatches = list(agent.buffer.get(cfg.train_batch_size, 1.0, agent.shuffle_generator(epoch, 0)))
-    for minibatch in minibatches:
-        scale = 1.0 / (minibatch.num_timesteps * len(minibatches))  # the mean over all samples and steps
-        for j in range(minibatch.num_timesteps):
-            step = minibatch.step(j)
-            log_prob, _ = agent.step_log_prob(step)
-            (-(step.advantages * log_prob).mean() * scale).backward()
-    grad = torch.cat([p.grad.flatten() for p in agent.trainable]).clone()
+    agent.accumulate_gradient(epoch)  # DDPOSF's loss and backward passes, without its optimizer step
+    grad = torch.cat([p.grad.flatten() for p in agent.trainable])
     agent.optimizer.zero_grad(set_to_none=True)
     return grad, stats["reward_mean"]
 
@@ -64,6 +58,7 @@ def main() -> None:
 
     config = build_config(
         preset="tiny-shapes",
+        algorithm="ddpo_sf",  # its accumulate_gradient is the policy gradient
         name="gradient-check",
         output_dir=tempfile.mkdtemp(),
         model=args.model,
@@ -73,6 +68,7 @@ def main() -> None:
         samples_per_epoch=args.samples,
         sample_batch_size=32,
         train_batch_size=32,
+        gradient_accumulation_steps=1,  # no optimizer step is taken; any --samples that is a multiple of 32
         advantage_mode="batch",
         use_lora=args.lora,
         progress_bar=False,
@@ -99,23 +95,18 @@ def main() -> None:
     # Where the gradient lives: the parameter tensors holding most of |g|².
     g = torch.stack(grads).sum(dim=0)
     names = [n for n, p in agent.unet.named_parameters() if p.requires_grad]
-    shares, offset = [], 0
-    for name, p in zip(names, params, strict=True):
-        shares.append((float(g[offset : offset + p.numel()].square().sum() / g.square().sum()), name))
-        offset += p.numel()
+    pieces = torch.split(g, [p.numel() for p in params])
+    shares = [(float(piece.square().sum() / g.square().sum()), name) for piece, name in zip(pieces, names, strict=True)]
     top = sorted(shares, reverse=True)[:5]
     print("largest shares of |g|²: " + ", ".join(f"{name} {share:.2f}" for share, name in top))
 
     direction = -g / g.norm()  # the loss is minimised: -g ascends the reward
-    theta0 = [p.detach().clone() for p in params]
+    theta0 = parameters_to_vector(params).detach()
     base = None
     print(f"line search, η = 0 on {args.eval_samples} fixed noises (common random numbers):")
     for alpha in [float(a) for a in args.alphas.split(",")]:
-        offset = 0
         with torch.no_grad():
-            for p, p0 in zip(params, theta0, strict=True):
-                p.copy_(p0 + alpha * direction[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+            vector_to_parameters(theta0 + alpha * direction, params)
         rewards = agent.evaluate(args.eval_samples)["rewards"]
         base = rewards if base is None else base
         diff = rewards - base
