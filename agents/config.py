@@ -461,6 +461,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The first tiny-shapes recipe: the paper's LoRA setup at laptop scale, one AdamW step per 16 samples. Apply it on
+# top of the tiny-shapes preset where a LoRA is needed (a KL penalty's reference is the UNet with its adapter
+# disabled) or where results were published with it (benchmarks/reproduce.py's grid). On its own it learns
+# nothing measurable in the main job's budget (docs/agents.md, "Tuning on tiny-shapes").
+TINY_SHAPES_LORA_RECIPE: dict[str, Any] = {
+    "use_lora": True,
+    "learning_rate": 3e-4,
+    "samples_per_epoch": 32,
+    "sample_batch_size": 16,
+    "train_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+}
+
 # The same four experiments on Stable Diffusion 1.5 (`<preset>-sd15`): only the model differs.
 SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PRESETS.update(

@@ -189,18 +189,14 @@ def load_index(out: Path, budget: Budget) -> dict[str, Any]:
 def run_config(budget: Budget, task: str, method: str, seed: int, out: Path, model: str, threads: int) -> Any:
     """The run's :class:`TrainConfig`: the ``tiny-shapes`` preset with the task, method, seed and budget."""
     from diffusion_mdp.agents import PRESETS, TrainConfig
+    from diffusion_mdp.agents.config import TINY_SHAPES_LORA_RECIPE
 
     spec = TASKS[task]
     values: dict[str, Any] = {
         **PRESETS["tiny-shapes"],
-        # The grid's recipe is the first tiny-shapes preset's (LoRA r4, batches of 16, one minibatch per
-        # step); the preset has since moved to full fine-tuning with 128 samples per step (docs/agents.md),
-        # and the published grid has not been rerun with it yet.
-        "use_lora": True,
-        "learning_rate": 3e-4,
-        "sample_batch_size": 16,
-        "train_batch_size": 16,
-        "gradient_accumulation_steps": 1,
+        # The published grid used the first tiny-shapes recipe (LoRA r4, batches of 16); the preset has since
+        # moved to full fine-tuning with 128 samples per step, and the grid has not been rerun with it yet.
+        **TINY_SHAPES_LORA_RECIPE,
         "eval_num_samples": 16,
         "name": run_name(task, method, seed),
         "output_dir": str(out / "runs"),

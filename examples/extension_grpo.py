@@ -29,7 +29,7 @@ from typing import ClassVar
 import numpy as np
 
 from diffusion_mdp.agents import DiffusionAgent, build_config, ppo_clip_loss, register_algorithm, train
-from diffusion_mdp.agents.config import ConfigError
+from diffusion_mdp.agents.config import TINY_SHAPES_LORA_RECIPE, ConfigError
 
 
 def group_mean_batch_std(
@@ -101,10 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     overrides: dict = dict(
-        algorithm="grpo", advantage_mode="group", group_size=4, kl_coef=args.kl_coef, num_epochs=args.epochs,
-        # the KL's reference is the UNet with its LoRA disabled; the preset's 128-sample steps do not fit here
-        use_lora=True, learning_rate=3e-4, samples_per_epoch=32, sample_batch_size=16, train_batch_size=16,
-        gradient_accumulation_steps=1
+        **TINY_SHAPES_LORA_RECIPE,  # the KL's reference is the UNet with its LoRA adapter disabled
+        algorithm="grpo",
+        advantage_mode="group",
+        group_size=4,
+        kl_coef=args.kl_coef,
+        num_epochs=args.epochs,
     )
     overrides.update(name="grpo", output_dir=args.out, progress_bar=False, log_formats="csv")
     if args.model:
