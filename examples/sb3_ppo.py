@@ -11,7 +11,7 @@ clipped-surrogate update. Two adapters from :mod:`diffusion_mdp.sb3` make it pos
 With ``ddpo_ppo_kwargs`` (γ = λ = 1, no per-minibatch advantage normalisation, ``vf_coef=0``, clip 1e-4)
 SB3's loss is DDPO-IS's loss; docs/plug_in.md lists where the two still differ.
 
-    python examples/sb3_ppo.py                      # tiny-shapes, JPEG compressibility, held-out eval (~5 min)
+    python examples/sb3_ppo.py                      # tiny-shapes, JPEG compressibility, held-out eval (~15 min)
     python examples/sb3_ppo.py --smoke --model <pipeline folder> --reward jpeg_compressibility
 """
 
