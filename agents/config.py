@@ -463,8 +463,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The first tiny-shapes recipe: the paper's LoRA setup at laptop scale, one AdamW step per 16 samples. Apply it on
 # top of the tiny-shapes preset where a LoRA is needed (a KL penalty's reference is the UNet with its adapter
-# disabled) or where results were published with it (benchmarks/reproduce.py's grid). On its own it learns
-# nothing measurable in the main job's budget (docs/agents.md, "Tuning on tiny-shapes").
+# disabled: examples/extension_grpo.py). On its own it learns nothing measurable in the main job's budget
+# (docs/agents.md, "Tuning on tiny-shapes"); benchmarks/reproduce.py's first grid used it and was rerun.
 TINY_SHAPES_LORA_RECIPE: dict[str, Any] = {
     "use_lora": True,
     "learning_rate": 3e-4,
