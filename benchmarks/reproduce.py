@@ -504,7 +504,7 @@ def generalisation_table(index: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         "Task reward of η = 0 samples from fixed noise (the same noise and prompts before and after), mean ± std "
-        "over seeds; 'before' is the pre-trained model (LoRA off)."
+        "over seeds; 'before' is the pre-trained model (before any update)."
     )
     return "\n".join(lines)
 
@@ -673,8 +673,9 @@ def write_report(index: dict[str, Any], out: Path, command: str) -> Path:
         f"Runs finished: {done} of {planned} planned (tasks {', '.join(budget['tasks'])}; methods "
         f"{', '.join(budget['methods'])}; seeds {', '.join(map(str, budget['seeds']))}). Each run: "
         f"{budget['num_epochs']} epochs × {budget['samples_per_epoch']} samples = "
-        f"{budget['num_epochs'] * budget['samples_per_epoch']} reward queries, preset `tiny-shapes` otherwise. "
-        f"Total training + measurement wall time {total_wall / 60:.1f} min.",
+        f"{budget['num_epochs'] * budget['samples_per_epoch']} reward queries, the `tiny-shapes` preset with "
+        f"{', '.join(f'{k}={v}' for k, v in budget['overrides']) or 'no overrides'}. Training + measurement "
+        f"wall time summed over runs: {total_wall / 60:.1f} min (parallel processes overlap).",
         "",
         "## Final reward and sample efficiency",
         "",
@@ -703,9 +704,15 @@ def write_report(index: dict[str, Any], out: Path, command: str) -> Path:
 
 
 def publish(out: Path, target: Path, mode: str) -> Path:
-    """Copy the report and figures (not the runs) to ``target/<mode>/``."""
+    """Copy the report and figures (not the runs) to ``target/<mode>/``, replacing an earlier publication.
+
+    The previous ``results.md``, ``results.json`` and figures there are removed first, so a figure of a task
+    the new grid does not have cannot linger beside a report that does not mention it.
+    """
     dest = target / mode
     dest.mkdir(parents=True, exist_ok=True)
+    for stale in [dest / "results.md", dest / "results.json", *dest.glob("*.png")]:
+        stale.unlink(missing_ok=True)
     for path in [out / "results.md", out / "results.json", *sorted(out.glob("*.png"))]:
         if path.is_file():
             shutil.copy2(path, dest / path.name)

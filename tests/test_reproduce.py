@@ -138,6 +138,9 @@ def test_publish_copies_report_and_figures(tmp_path: Path) -> None:
     out.mkdir()
     (out / "results.md").write_text("# r")
     (out / "reward_vs_queries.png").write_bytes(b"png")
+    (target / "quick").mkdir(parents=True)
+    (target / "quick" / "grid_alignment.png").write_bytes(b"an earlier grid's figure")
+    (target / "quick" / "notes.txt").write_text("not a report file: kept")
     dest = reproduce.publish(out, target, "quick")
     assert dest == target / "quick"
-    assert {p.name for p in dest.iterdir()} == {"results.md", "reward_vs_queries.png"}
+    assert {p.name for p in dest.iterdir()} == {"results.md", "reward_vs_queries.png", "notes.txt"}
