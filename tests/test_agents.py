@@ -198,6 +198,31 @@ def test_two_epoch_smoke_run(algorithm: str, micro: Path, prompt_file: Path, tmp
     assert (run / "checkpoints" / "last.pt").is_file() and not (run / "checkpoints" / "last.pt.tmp").exists()
 
 
+def test_ddpo_sf_step_equals_ddpo_is_step_when_is_takes_one_update(
+    micro: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    """DDPO-IS with one update per epoch (all samples in one accumulated step) is DDPO-SF.
+
+    At θ = θ_old every ratio is 1, inside the clip, so ∇ max(-A r, -A clip(r)) = -A ∇ log π: the same
+    gradient as REINFORCE, with the same mean over samples and timesteps. Same seed, same rollouts: the
+    gradient of the first (only) update must agree. It is read from AdamW's first moment after the step,
+    m_1 = (1 - β_1) g (the weights alone would not do: Adam's first step is ±lr whatever the gradient's
+    scale), with gradient clipping off so that g is the raw gradient. A sign or scale slip in either loss
+    fails it.
+    """
+    common = dict(use_lora=False, num_epochs=1, train_batch_size=2, gradient_accumulation_steps=2,
+                  max_grad_norm=0.0, eval_num_samples=0, image_every=0)  # fmt: skip
+    gradients = {}
+    for algorithm in ("ddpo_sf", "ddpo_is"):
+        agent = make_agent(tiny_config(micro, prompt_file, tmp_path / algorithm, algorithm=algorithm, **common))
+        agent.learn()
+        state = agent.optimizer.state
+        gradients[algorithm] = torch.cat([state[p]["exp_avg"].flatten() for p in agent.trainable])
+    sf, is_ = gradients["ddpo_sf"], gradients["ddpo_is"]
+    assert sf.abs().max() > 1e-7  # a real gradient, not two zeros
+    torch.testing.assert_close(is_, sf, rtol=1e-3, atol=1e-3 * float(sf.abs().max()))
+
+
 def test_full_finetuning_and_group_advantages(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
     cfg = tiny_config(
         micro,
