@@ -37,6 +37,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -703,19 +704,27 @@ def write_report(index: dict[str, Any], out: Path, command: str) -> Path:
     return path
 
 
-def publish(out: Path, target: Path, mode: str) -> Path:
-    """Copy the report and figures (not the runs) to ``target/<mode>/``, replacing an earlier publication.
+def publish(out: Path, target: Path, mode: str, index: dict[str, Any] | None = None) -> Path:
+    """Copy the report and the figures it links (not the runs) to ``target/<mode>/``, replacing the last ones.
 
-    The previous ``results.md``, ``results.json`` and figures there are removed first, so a figure of a task
-    the new grid does not have cannot linger beside a report that does not mention it.
+    Only the figures ``results.md`` links are copied (``out`` may also hold another mode's figures), and
+    the previous ``results.md``, ``results.json`` and figures in the target are removed first, so a figure of
+    a task the new report does not have cannot linger beside it. ``index`` (the report's runs) is written
+    as ``results.json``; without it ``out/results.json`` is copied.
     """
     dest = target / mode
     dest.mkdir(parents=True, exist_ok=True)
     for stale in [dest / "results.md", dest / "results.json", *dest.glob("*.png")]:
         stale.unlink(missing_ok=True)
-    for path in [out / "results.md", out / "results.json", *sorted(out.glob("*.png"))]:
+    report = out / "results.md"
+    linked = re.findall(r"\]\(([^)/]+\.png)\)", report.read_text()) if report.is_file() else []
+    for path in [report, *(out / name for name in dict.fromkeys(linked))]:
         if path.is_file():
             shutil.copy2(path, dest / path.name)
+    if index is not None:
+        write_json_atomic(dest / "results.json", index)
+    elif (out / "results.json").is_file():
+        shutil.copy2(out / "results.json", dest / "results.json")
     return dest
 
 
@@ -870,7 +879,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = write_report(index, out, command.strip())
     print(f"[reproduce] report: {report}", flush=True)
     if args.publish:
-        print(f"[reproduce] published to {publish(out, args.publish, index['budget']['mode'])}", flush=True)
+        print(f"[reproduce] published to {publish(out, args.publish, index['budget']['mode'], index)}", flush=True)
     return index
 
 

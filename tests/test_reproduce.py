@@ -136,8 +136,9 @@ def test_smoke_grid_index_table_plots_skip_and_resume(
 def test_publish_copies_report_and_figures(tmp_path: Path) -> None:
     out, target = tmp_path / "out", tmp_path / "docs"
     out.mkdir()
-    (out / "results.md").write_text("# r")
+    (out / "results.md").write_text("# r\n\n![curves](reward_vs_queries.png)\n")
     (out / "reward_vs_queries.png").write_bytes(b"png")
+    (out / "grid_incompressibility.png").write_bytes(b"another mode's figure, not linked: not published")
     (target / "quick").mkdir(parents=True)
     (target / "quick" / "grid_alignment.png").write_bytes(b"an earlier grid's figure")
     (target / "quick" / "notes.txt").write_text("not a report file: kept")
