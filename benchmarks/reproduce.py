@@ -37,7 +37,6 @@ import functools
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -652,8 +651,8 @@ def save_method_grids(index: dict[str, Any], out: Path, per_row: int = 8) -> lis
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
-def write_report(index: dict[str, Any], out: Path, command: str) -> Path:
-    """Write ``results.md`` and every figure into ``out``; returns the Markdown path."""
+def write_report(index: dict[str, Any], out: Path, command: str) -> list[Path]:
+    """Write ``results.md`` and every figure into ``out``; returns their paths, the Markdown first."""
     groups = _group(index)
     if not groups:
         raise SystemExit(f"{out}: no finished runs to report")
@@ -701,30 +700,24 @@ def write_report(index: dict[str, Any], out: Path, command: str) -> Path:
     ]
     path = out / "results.md"
     path.write_text("\n".join(text))
-    return path
+    return [path, *figures]
 
 
-def publish(out: Path, target: Path, mode: str, index: dict[str, Any] | None = None) -> Path:
-    """Copy the report and the figures it links (not the runs) to ``target/<mode>/``, replacing the last ones.
+def publish(files: Sequence[Path], target: Path, mode: str, index: dict[str, Any] | None = None) -> Path:
+    """Copy a report's files (:func:`write_report`'s, not the runs) to ``target/<mode>/``, replacing the last ones.
 
-    Only the figures ``results.md`` links are copied (``out`` may also hold another mode's figures), and
-    the previous ``results.md``, ``results.json`` and figures in the target are removed first, so a figure of
-    a task the new report does not have cannot linger beside it. ``index`` (the report's runs) is written
-    as ``results.json``; without it ``out/results.json`` is copied.
+    The previous ``results.md``, ``results.json`` and figures in the target are removed first, so a figure of
+    a task the new report does not have cannot linger beside it. ``index`` (the report's runs), if given, is
+    written as ``results.json``.
     """
     dest = target / mode
     dest.mkdir(parents=True, exist_ok=True)
     for stale in [dest / "results.md", dest / "results.json", *dest.glob("*.png")]:
         stale.unlink(missing_ok=True)
-    report = out / "results.md"
-    linked = re.findall(r"\]\(([^)/]+\.png)\)", report.read_text()) if report.is_file() else []
-    for path in [report, *(out / name for name in dict.fromkeys(linked))]:
-        if path.is_file():
-            shutil.copy2(path, dest / path.name)
+    for path in files:
+        shutil.copy2(path, dest / path.name)
     if index is not None:
         write_json_atomic(dest / "results.json", index)
-    elif (out / "results.json").is_file():
-        shutil.copy2(out / "results.json", dest / "results.json")
     return dest
 
 
@@ -877,9 +870,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return index
     index = select(index, budget)
     report = write_report(index, out, command.strip())
-    print(f"[reproduce] report: {report}", flush=True)
+    print(f"[reproduce] report: {report[0]}", flush=True)
     if args.publish:
-        print(f"[reproduce] published to {publish(out, args.publish, index['budget']['mode'], index)}", flush=True)
+        print(f"[reproduce] published to {publish(report, args.publish, index['budget']['mode'], index)}", flush=True)
     return index
 
 

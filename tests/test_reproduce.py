@@ -138,10 +138,10 @@ def test_publish_copies_report_and_figures(tmp_path: Path) -> None:
     out.mkdir()
     (out / "results.md").write_text("# r\n\n![curves](reward_vs_queries.png)\n")
     (out / "reward_vs_queries.png").write_bytes(b"png")
-    (out / "grid_incompressibility.png").write_bytes(b"another mode's figure, not linked: not published")
+    (out / "grid_incompressibility.png").write_bytes(b"another mode's figure, not in the report: not published")
     (target / "quick").mkdir(parents=True)
     (target / "quick" / "grid_alignment.png").write_bytes(b"an earlier grid's figure")
     (target / "quick" / "notes.txt").write_text("not a report file: kept")
-    dest = reproduce.publish(out, target, "quick")
+    dest = reproduce.publish([out / "results.md", out / "reward_vs_queries.png"], target, "quick")
     assert dest == target / "quick"
     assert {p.name for p in dest.iterdir()} == {"results.md", "reward_vs_queries.png", "notes.txt"}

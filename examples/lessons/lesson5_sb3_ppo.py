@@ -97,7 +97,7 @@ class RawRewards(BaseCallback):
 
 eval_env = gym.make_vec(
     "DenoisingMDP-v0",
-    num_envs=pick(60, 2),
+    num_envs=pick(len(env.prompts), 2),  # every training prompt once
     reward=TASK_REWARD,
     prompts="shapes_train",
     num_steps=T,
