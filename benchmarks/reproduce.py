@@ -28,6 +28,8 @@ model and each method on the same noise), ``overoptimisation.png``; ``--publish 
     python benchmarks/reproduce.py                                       # the full grid (resumable)
     python benchmarks/reproduce.py --quick --publish docs/results        # and copy the figures
     python benchmarks/reproduce.py --report-only --out runs/reproduce/full   # tables/plots from the index
+    python benchmarks/reproduce.py --import docs/results/full --publish docs/results
+                                        # a fresh checkout: take the published runs, run only the missing ones
 """
 
 from __future__ import annotations
@@ -160,6 +162,16 @@ def read_json(path: Path, default: Any) -> Any:
     return json.loads(path.read_text()) if path.is_file() else default
 
 
+PER_RUN_KEYS: tuple[str, ...] = ("num_epochs", "samples_per_epoch", "num_steps", "trace_every", "overrides")
+
+
+def per_run_budget(budget: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a budget (as saved in an index) that make two runs comparable: all but the grid's extent."""
+    per_run = {k: budget.get(k, []) for k in PER_RUN_KEYS}
+    per_run["overrides"] = [list(kv) for kv in per_run["overrides"]]
+    return per_run
+
+
 def load_index(out: Path, budget: Budget) -> dict[str, Any]:
     """The results index of ``out``; refuses one written with a different per-run budget.
 
@@ -167,12 +179,10 @@ def load_index(out: Path, budget: Budget) -> dict[str, Any]:
         SystemExit: The folder holds runs of another epoch/sample/step budget (they are not comparable).
     """
     index = read_json(out / "results.json", None)
-    per_run = {k: getattr(budget, k) for k in ("num_epochs", "samples_per_epoch", "num_steps", "trace_every")}
-    per_run["overrides"] = [list(kv) for kv in budget.overrides]
+    per_run = per_run_budget(asdict(budget))
     if index is None:
         return {"format": INDEX_FORMAT, "budget": asdict(budget), "runs": {}}
-    saved = {k: index["budget"].get(k, []) for k in per_run}
-    saved["overrides"] = [list(kv) for kv in saved["overrides"]]
+    saved = per_run_budget(index["budget"])
     if saved != per_run:
         raise SystemExit(
             f"{out}/results.json was written with a different per-run budget {saved}; this invocation has "
@@ -334,6 +344,48 @@ def collect_records(out: Path, index: dict[str, Any]) -> dict[str, Any]:
     for path in sorted((out / "runs").glob("*/record.json")):
         index["runs"][path.parent.name] = json.loads(path.read_text())
     return index
+
+
+def import_published(source: Path, out: Path, budget: Budget) -> list[str]:
+    """Seed ``out`` with the finished runs of a published grid, so a fresh checkout only runs what is missing.
+
+    ``runs/`` is not in git, but ``--publish`` writes every run's record to ``<publish>/<mode>/results.json``
+    and the images the sample grids show to ``<publish>/<mode>/runs/``. Importing writes each published run's
+    ``<out>/runs/<name>/record.json`` (tagged ``imported_from``) and copies its images, exactly what a finished
+    run leaves behind except its checkpoint; runs ``out`` already finished are kept, not overwritten.
+
+    Args:
+        source: A published folder (``docs/results/full``) or its ``results.json``.
+        out: The grid's output folder.
+        budget: The invocation's budget; the published one must have the same per-run budget.
+
+    Returns:
+        Names of the imported runs.
+
+    Raises:
+        SystemExit: ``source`` has no index, or its runs were made with another per-run budget.
+    """
+    folder = source.parent if source.suffix == ".json" else source
+    published = read_json(folder / "results.json", None)
+    if published is None:
+        raise SystemExit(f"--import: {folder}/results.json does not exist (expected a folder written by --publish)")
+    if per_run_budget(published["budget"]) != per_run_budget(asdict(budget)):
+        raise SystemExit(
+            f"--import: {folder} was made with the per-run budget {per_run_budget(published['budget'])}, this "
+            f"invocation has {per_run_budget(asdict(budget))}; its runs are not comparable with this grid's."
+        )
+    imported = []
+    for name, record in published["runs"].items():
+        run_dir = out / "runs" / name
+        if record.get("status") != "done" or (run_dir / "record.json").is_file():
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for image_file in sorted((folder / "runs" / name).glob("eval_images_epoch*.npz")):
+            shutil.copy2(image_file, run_dir / image_file.name)
+        origin = record.get("imported_from", str(folder))  # an import of an import names the first source
+        write_json_atomic(run_dir / "record.json", {**record, "imported_from": origin})
+        imported.append(name)
+    return imported
 
 
 def run_grid(
@@ -612,25 +664,38 @@ def plot_overoptimisation(index: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def grid_sources(index: dict[str, Any], out: Path) -> dict[str, list[tuple[str, Path]]]:
+    """Per task, the image files its sample grid shows: ``[("base", epoch-0 file), (method label, final file), ...]``.
+
+    Each method shows its lowest seed whose final images exist (an imported run may come without them); the
+    base row is the first shown run's epoch-0 images (every run starts from the same model on the same noise).
+    """
+    groups = _group(index)
+    sources: dict[str, list[tuple[str, Path]]] = {}
+    for task in TASKS:
+        rows: list[tuple[str, Path]] = []
+        for method in METHODS:
+            for record in groups.get((task, method), []):
+                run_dir = out / "runs" / run_name(task, method, record["seed"])
+                final = run_dir / f"eval_images_epoch{record['trace'][-1]['epoch']:04d}.npz"
+                if not final.is_file():
+                    continue
+                if not rows and (run_dir / "eval_images_epoch0000.npz").is_file():
+                    rows.append(("base", run_dir / "eval_images_epoch0000.npz"))
+                rows.append((METHOD_LABELS[method], final))
+                break
+        if rows:
+            sources[task] = rows
+    return sources
+
+
 def save_method_grids(index: dict[str, Any], out: Path, per_row: int = 8) -> list[Path]:
     """Per task, one grid: the base model then each method (lowest seed), on the same noise and prompts."""
     from diffusion_mdp.viz import image_grid
 
-    groups = _group(index)
     paths = []
-    for task in TASKS:
-        rows: list[tuple[str, dict[str, np.ndarray]]] = []
-        for method in METHODS:
-            records = groups.get((task, method))
-            if not records:
-                continue
-            record = records[0]
-            run_dir = out / "runs" / run_name(task, method, record["seed"])
-            final = run_dir / f"eval_images_epoch{record['trace'][-1]['epoch']:04d}.npz"
-            if not rows and (run_dir / "eval_images_epoch0000.npz").is_file():
-                rows.append(("base", dict(np.load(run_dir / "eval_images_epoch0000.npz"))))
-            if final.is_file():
-                rows.append((METHOD_LABELS[method], dict(np.load(final))))
+    for task, sources in grid_sources(index, out).items():
+        rows = [(label, dict(np.load(path))) for label, path in sources]
         if not rows:
             continue
         images, captions = [], []
@@ -651,6 +716,20 @@ def save_method_grids(index: dict[str, Any], out: Path, per_row: int = 8) -> lis
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
+def imported_note(index: dict[str, Any]) -> list[str]:
+    """Report lines naming the runs taken from an earlier publication (``--import``), if any."""
+    imported = sorted(name for name, r in index["runs"].items() if r.get("status") == "done" and "imported_from" in r)
+    if not imported:
+        return []
+    sources = sorted({index["runs"][name]["imported_from"] for name in imported})
+    return [
+        f"{len(imported)} of these runs were imported (`--import`) from {', '.join(f'`{s}`' for s in sources)}, "
+        "i.e. run by an earlier invocation of the same budget; their wall times are those of the machine that "
+        f"ran them: {', '.join(imported)}.",
+        "",
+    ]
+
+
 def write_report(index: dict[str, Any], out: Path, command: str) -> list[Path]:
     """Write ``results.md`` and every figure into ``out``; returns their paths, the Markdown first."""
     groups = _group(index)
@@ -677,6 +756,7 @@ def write_report(index: dict[str, Any], out: Path, command: str) -> list[Path]:
         f"{', '.join(f'{k}={v}' for k, v in budget['overrides']) or 'no overrides'}. Training + measurement "
         f"wall time summed over runs: {total_wall / 60:.1f} min (parallel processes overlap).",
         "",
+        *imported_note(index),
         "## Final reward and sample efficiency",
         "",
         results_table(index),
@@ -703,19 +783,31 @@ def write_report(index: dict[str, Any], out: Path, command: str) -> list[Path]:
     return [path, *figures]
 
 
-def publish(files: Sequence[Path], target: Path, mode: str, index: dict[str, Any] | None = None) -> Path:
+def publish(
+    files: Sequence[Path],
+    target: Path,
+    mode: str,
+    index: dict[str, Any] | None = None,
+    run_files: Sequence[Path] = (),
+) -> Path:
     """Copy a report's files (:func:`write_report`'s, not the runs) to ``target/<mode>/``, replacing the last ones.
 
-    The previous ``results.md``, ``results.json`` and figures in the target are removed first, so a figure of
-    a task the new report does not have cannot linger beside it. ``index`` (the report's runs), if given, is
-    written as ``results.json``.
+    The previous ``results.md``, ``results.json``, figures and ``runs/`` in the target are removed first, so a
+    figure of a task the new report does not have cannot linger beside it. ``index`` (the report's runs), if
+    given, is written as ``results.json``; ``run_files`` (files inside ``<out>/runs/<name>/``, e.g. the images
+    the sample grids show) go to ``target/<mode>/runs/<name>/``. Together they let :func:`import_published`
+    rebuild the grid's finished runs, and this report, in a fresh checkout.
     """
     dest = target / mode
     dest.mkdir(parents=True, exist_ok=True)
     for stale in [dest / "results.md", dest / "results.json", *dest.glob("*.png")]:
         stale.unlink(missing_ok=True)
+    shutil.rmtree(dest / "runs", ignore_errors=True)
     for path in files:
         shutil.copy2(path, dest / path.name)
+    for path in run_files:
+        (dest / "runs" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / "runs" / path.parent.name / path.name)
     if index is not None:
         write_json_atomic(dest / "results.json", index)
     return dest
@@ -737,6 +829,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, default=None, help="output folder (default runs/reproduce/<mode>: full, quick or custom)"
     )
     p.add_argument("--publish", type=Path, default=None, help="copy results.md and figures to PUBLISH/<mode>/")
+    p.add_argument(
+        "--import",
+        dest="import_from",
+        type=Path,
+        default=None,
+        metavar="PUBLISHED",
+        help="first take the finished runs of a published grid (e.g. docs/results/full) into --out, so only "
+        "the missing runs run",
+    )
     p.add_argument("--model", default="tiny-shapes", help="model of every run (a pipeline folder for tests)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), help="override the budget's tasks")
@@ -852,6 +953,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.out or Path(default_out)
     command = "python benchmarks/reproduce.py " + " ".join(argv)
     t0 = time.perf_counter()
+    if args.import_from is not None:
+        imported = import_published(args.import_from, out, budget)
+        print(f"[reproduce] imported {len(imported)} finished runs from {args.import_from}", flush=True)
     if args.report_only:
         index = read_json(out / "results.json", None)
         if index is None:
@@ -872,7 +976,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = write_report(index, out, command.strip())
     print(f"[reproduce] report: {report[0]}", flush=True)
     if args.publish:
-        print(f"[reproduce] published to {publish(report, args.publish, index['budget']['mode'], index)}", flush=True)
+        images = [path for rows in grid_sources(index, out).values() for _, path in rows]
+        dest = publish(report, args.publish, index["budget"]["mode"], index, run_files=images)
+        print(f"[reproduce] published to {dest}", flush=True)
     return index
 
 

@@ -132,6 +132,34 @@ def test_smoke_grid_index_table_plots_skip_and_resume(
     with pytest.raises(SystemExit, match="different per-run budget"):
         reproduce.main([*smoke_args(micro_pipeline, out, ["ddpo_is"]), "--epochs", "2"])
 
+    # runs/ is not in git: a fresh checkout imports the published runs (records + the grids' images) and
+    # rebuilds the same report without running anything.
+    all_methods = ["ddpo_is", "rwr", "ddpo_sf"]
+    docs = tmp_path / "docs"
+    reproduce.main([*smoke_args(micro_pipeline, out, all_methods), "--report-only", "--publish", str(docs)])
+    published = json.loads((docs / "custom" / "results.json").read_text())
+    assert len(published["runs"]) == 3
+    assert sorted(p.name for p in (docs / "custom" / "runs" / "compressibility-ddpo_is-s0").iterdir()) == [
+        "eval_images_epoch0000.npz",  # the grid's base row
+        "eval_images_epoch0001.npz",
+    ]
+    fresh = tmp_path / "fresh-checkout"
+    monkeypatch.setattr(reproduce, "execute_run", must_not_run)
+    rebuilt = reproduce.main([*smoke_args(micro_pipeline, fresh, all_methods), "--import", str(docs / "custom")])
+    monkeypatch.undo()
+    assert {k: {f: v for f, v in r.items() if f != "imported_from"} for k, r in rebuilt["runs"].items()} == (
+        published["runs"]
+    )
+    assert all(r["imported_from"] == str(docs / "custom") for r in rebuilt["runs"].values())
+    grid = "grid_compressibility.png"
+    assert (fresh / grid).read_bytes() == (docs / "custom" / grid).read_bytes()  # same images, same picture
+    assert "3 of these runs were imported" in (fresh / "results.md").read_text()
+    # Importing again keeps what the folder has; a grid of another per-run budget refuses the import.
+    budget = reproduce.budget_from_args(reproduce.parse_args(smoke_args(micro_pipeline, fresh, all_methods)))
+    assert reproduce.import_published(docs / "custom", fresh, budget) == []
+    with pytest.raises(SystemExit, match="not comparable"):
+        reproduce.import_published(docs / "custom" / "results.json", tmp_path / "other", reproduce.FULL)
+
 
 def test_publish_copies_report_and_figures(tmp_path: Path) -> None:
     out, target = tmp_path / "out", tmp_path / "docs"
@@ -142,6 +170,18 @@ def test_publish_copies_report_and_figures(tmp_path: Path) -> None:
     (target / "quick").mkdir(parents=True)
     (target / "quick" / "grid_alignment.png").write_bytes(b"an earlier grid's figure")
     (target / "quick" / "notes.txt").write_text("not a report file: kept")
-    dest = reproduce.publish([out / "results.md", out / "reward_vs_queries.png"], target, "quick")
+    (target / "quick" / "runs" / "old-run").mkdir(parents=True)
+    (target / "quick" / "runs" / "old-run" / "eval_images_epoch0000.npz").write_bytes(b"an earlier run's images")
+    (out / "runs" / "new-run").mkdir(parents=True)
+    (out / "runs" / "new-run" / "eval_images_epoch0010.npz").write_bytes(b"images")
+    dest = reproduce.publish(
+        [out / "results.md", out / "reward_vs_queries.png"],
+        target,
+        "quick",
+        run_files=[out / "runs" / "new-run" / "eval_images_epoch0010.npz"],
+    )
     assert dest == target / "quick"
-    assert {p.name for p in dest.iterdir()} == {"results.md", "reward_vs_queries.png", "notes.txt"}
+    assert {p.name for p in dest.iterdir()} == {"results.md", "reward_vs_queries.png", "notes.txt", "runs"}
+    assert [p.relative_to(dest).as_posix() for p in (dest / "runs").rglob("*.npz")] == [
+        "runs/new-run/eval_images_epoch0010.npz"
+    ]
