@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -84,8 +85,8 @@ class Budget:
     """What a mode runs: the grid (tasks × methods × seeds) and each run's reward-query budget.
 
     Attributes:
-        mode: Label of the budget (``full``, ``quick`` or ``custom``); outputs go to ``<out>/``, published
-            figures to ``<publish>/<mode>/``.
+        mode: Label of the budget (``full``, ``quick``, or ``custom`` / ``--label``); outputs go to
+            ``<out>/``, published figures to ``<publish>/<mode>/``.
         tasks: Task names (keys of :data:`TASKS`).
         methods: Algorithms (``ddpo_is``, ``ddpo_sf``, ``rwr``, ``sparse_rwr``).
         seeds: Seeds; every (task, method) runs once per seed.
@@ -826,7 +827,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(≤ 15 min on 2 cores)",
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="output folder (default runs/reproduce/<mode>: full, quick or custom)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/reproduce for --quick and the full grid, which share it; "
+        "runs/reproduce-<label> for a changed per-run budget)",
     )
     p.add_argument("--publish", type=Path, default=None, help="copy results.md and figures to PUBLISH/<mode>/")
     p.add_argument(
@@ -875,6 +880,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="parallel processes, each a shard of the grid with 1 thread (default: 2, or 1 on one core); "
         "1 runs in this process with --threads",
     )
+    p.add_argument(
+        "--label",
+        default=None,
+        help="name of a changed per-run budget (default 'custom'): its default --out and its --publish folder",
+    )
     p.add_argument("--no-report", action="store_true", help="run only; no tables or figures (used by --jobs)")
     p.add_argument("--report-only", action="store_true", help="only rebuild tables and figures from the index")
     return p.parse_args(argv)
@@ -902,8 +912,15 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
             raise SystemExit(f"--set takes KEY=VALUE, got {args.overrides}")
         changes["overrides"] = (*budget.overrides, *((k.strip(), v.strip()) for k, v in pairs))
     per_run_keys = ("num_epochs", "samples_per_epoch", "trace_every", "eval_samples", "num_steps", "overrides")
+    if args.label is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.label):
+        raise SystemExit(f"--label {args.label!r}: use letters, digits, '-', '_' or '.' (it names folders)")
     if any(k in changes for k in per_run_keys):
-        changes["mode"] = "custom"
+        changes["mode"] = args.label or "custom"
+    elif args.label:
+        raise SystemExit(
+            f"--label {args.label!r} names a changed per-run budget (--epochs, --set, ...); the "
+            f"{budget.mode} budget keeps its name so its runs stay one grid"
+        )
     budget = replace(budget, **changes)
     budget = replace(budget, trace_every=max(1, min(budget.trace_every, budget.num_epochs)))
     return budget
@@ -949,7 +966,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     budget = budget_from_args(args)
-    default_out = "runs/reproduce" if budget.mode in ("full", "quick") else "runs/reproduce-custom"
+    default_out = "runs/reproduce" if budget.mode in ("full", "quick") else f"runs/reproduce-{budget.mode}"
     out = args.out or Path(default_out)
     command = "python benchmarks/reproduce.py " + " ".join(argv)
     t0 = time.perf_counter()

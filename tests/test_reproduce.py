@@ -70,6 +70,14 @@ def test_quick_mode_budget_is_equal_queries_for_every_method() -> None:
     assert budget.queries_per_run == reproduce.FULL.queries_per_run
 
 
+def test_label_names_a_changed_budget_only() -> None:
+    args = reproduce.parse_args(["--set", "rwr_beta=0.1", "--methods", "rwr", "--label", "rwr-beta"])
+    budget = reproduce.budget_from_args(args)
+    assert budget.mode == "rwr-beta" and budget.overrides[-1] == ("rwr_beta", "0.1")
+    with pytest.raises(SystemExit, match="keeps its name"):
+        reproduce.budget_from_args(reproduce.parse_args(["--quick", "--label", "renamed"]))
+
+
 def test_smoke_grid_index_table_plots_skip_and_resume(
     micro_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
