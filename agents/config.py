@@ -134,6 +134,9 @@ class TrainConfig:
     """RWR temperature β: weights ∝ exp(r / β) (softmax over the epoch's samples)."""
     sparse_rwr_percentile: float = 0.9
     """Sparse RWR: only samples with reward ≥ this quantile of the epoch's rewards are trained on."""
+    rwr_guided_loss: bool = True
+    """RWR / sparse RWR regress the classifier-free-guided prediction ε̃ (the paper's choice: training the
+    conditional branch alone degraded after the first round there) or, if False, the conditional ε_c only."""
 
     # --- model adaptation and precision ----------------------------------------------------------
     use_lora: bool = True

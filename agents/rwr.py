@@ -9,9 +9,10 @@ training loss on the sampled x_0, weighted by the reward:
 - sparse RWR: w_i ∝ 1[r_i ≥ q-th quantile of the epoch's rewards] (filter, then plain fine-tuning).
 
 ε̃_θ is the classifier-free-guided prediction (guidance is on while training, as for DDPO: the paper found
-training only the conditional branch degrades quickly). ``target`` follows the scheduler's prediction
-type (ε, v or x_0). Multi-round as in the paper: every epoch samples fresh x_0 from the current model,
-then trains ``num_inner_epochs`` passes on it; each pass draws one random t per sample and timestep slot.
+training only the conditional branch degrades quickly; ``rwr_guided_loss=False`` trains ε_c instead).
+``target`` follows the scheduler's prediction type (ε, v or x_0). Multi-round as in the paper: every epoch
+samples fresh x_0 from the current model, then trains ``num_inner_epochs`` passes on it; each pass draws one
+random t per sample and timestep slot.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class RWR(DiffusionAgent):
         buffer.compute_returns_and_advantage(lambda r, p, g: (np.zeros_like(r), np.ones_like(r)))
         weights = self.sample_weights(buffer.episode_rewards.float()).to(self.device)
         x0 = buffer.final_latents
+        # w of the regressed prediction: the sampling guidance (ε̃, the paper's) or 1 (the conditional ε_c).
+        loss_guidance = None if cfg.rwr_guided_loss else 1.0
         noise_gen = torch.Generator().manual_seed(derived_seed(cfg.seed, 4, epoch))
         losses, grad_norms = [], []
         for inner in range(cfg.num_inner_epochs):
@@ -82,7 +85,7 @@ class RWR(DiffusionAgent):
                     else:
                         target = x0[idx]
                     with self.autocast():
-                        prediction = self.policy.predict(noisy, t, embeds)
+                        prediction = self.policy.predict(noisy, t, embeds, guidance_scale=loss_guidance)
                     per_sample = ((prediction.float() - target) ** 2).mean(dim=(1, 2, 3))
                     loss = (weights[idx] * per_sample).mean()
                     self.backward(loss * scale)

@@ -167,7 +167,9 @@ class DiffusionPolicy(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # The network
     # ----------------------------------------------------------------------------------------------
-    def predict(self, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor) -> Tensor:
+    def predict(
+        self, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor, guidance_scale: float | None = None
+    ) -> Tensor:
         """The guided model output ε̃ = ε_∅ + w (ε_c - ε_∅), or ε_c when w = 1.
 
         Both branches run in *one* UNet call on a batch of 2B (unconditional first, as diffusers does).
@@ -176,18 +178,20 @@ class DiffusionPolicy(nn.Module):
             latents: ``(B, C, h, w)`` x_t.
             timesteps: ``(B,)`` t.
             prompt_embeds: ``(B, L, D)``.
+            guidance_scale: w for this call (default: the policy's); 1.0 gives the conditional branch ε_c.
 
         Returns:
             ``(B, C, h, w)``.
         """
-        if self.guidance_scale == 1.0:
+        w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if w == 1.0:
             return self._unet(latents, timesteps, prompt_embeds)
         uncond = self.unconditional_embeds(prompt_embeds)
         output = self._unet(
             torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([uncond, prompt_embeds])
         )
         output_uncond, output_cond = output.chunk(2)
-        return output_uncond + self.guidance_scale * (output_cond - output_uncond)
+        return output_uncond + w * (output_cond - output_uncond)
 
     def _unet(self, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor) -> Tensor:
         """One UNet call; for SDXL, with the pooled embeddings and time ids as ``added_cond_kwargs``."""

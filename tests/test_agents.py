@@ -198,6 +198,34 @@ def test_two_epoch_smoke_run(algorithm: str, micro: Path, prompt_file: Path, tmp
     assert (run / "checkpoints" / "last.pt").is_file() and not (run / "checkpoints" / "last.pt.tmp").exists()
 
 
+@pytest.mark.parametrize("guided", [True, False])
+def test_rwr_regresses_the_guided_or_the_conditional_prediction(
+    guided: bool, micro: Path, prompt_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rwr_guided_loss`` picks ε̃ (w = 5, as sampled) or ε_c (w = 1) as the regressed prediction."""
+    cfg = tiny_config(micro, prompt_file, tmp_path, algorithm="rwr", num_epochs=1, rwr_guided_loss=guided,
+                      eval_num_samples=0, image_every=0)  # fmt: skip
+    agent = make_agent(cfg)
+    real_predict, calls = agent.policy.predict, []
+
+    def spy(latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, guidance_scale=None):
+        calls.append((torch.is_grad_enabled(), guidance_scale))
+        return real_predict(latents, timesteps, embeds, guidance_scale=guidance_scale)
+
+    monkeypatch.setattr(agent.policy, "predict", spy)
+    agent.learn()
+    training_calls = {scale for with_grad, scale in calls if with_grad}
+    assert training_calls == ({None} if guided else {1.0})
+    # And w = 1 really is the conditional branch alone, which differs from the guided output.
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([500, 500])
+    embeds = agent.buffer.prompt_embeds[:2]
+    with torch.no_grad():
+        conditional = real_predict(x, t, embeds, guidance_scale=1.0)
+        torch.testing.assert_close(conditional, agent.policy._unet(x, t, embeds))
+        assert not torch.allclose(conditional, real_predict(x, t, embeds))
+
+
 def test_ddpo_sf_step_equals_ddpo_is_step_when_is_takes_one_update(
     micro: Path, prompt_file: Path, tmp_path: Path
 ) -> None:
