@@ -370,10 +370,11 @@ def import_published(source: Path, out: Path, budget: Budget) -> list[str]:
     published = read_json(folder / "results.json", None)
     if published is None:
         raise SystemExit(f"--import: {folder}/results.json does not exist (expected a folder written by --publish)")
-    if per_run_budget(published["budget"]) != per_run_budget(asdict(budget)):
+    theirs, ours = per_run_budget(published["budget"]), per_run_budget(asdict(budget))
+    if theirs != ours:
         raise SystemExit(
-            f"--import: {folder} was made with the per-run budget {per_run_budget(published['budget'])}, this "
-            f"invocation has {per_run_budget(asdict(budget))}; its runs are not comparable with this grid's."
+            f"--import: {folder} was made with the per-run budget {theirs}, this invocation has {ours}; its runs "
+            "are not comparable with this grid's."
         )
     imported = []
     for name, record in published["runs"].items():
@@ -911,7 +912,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
         if any(len(pair) != 2 for pair in pairs):
             raise SystemExit(f"--set takes KEY=VALUE, got {args.overrides}")
         changes["overrides"] = (*budget.overrides, *((k.strip(), v.strip()) for k, v in pairs))
-    per_run_keys = ("num_epochs", "samples_per_epoch", "trace_every", "eval_samples", "num_steps", "overrides")
+    per_run_keys = (*PER_RUN_KEYS, "eval_samples")  # what makes runs comparable, and how they are measured
     if args.label is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.label):
         raise SystemExit(f"--label {args.label!r}: use letters, digits, '-', '_' or '.' (it names folders)")
     if any(k in changes for k in per_run_keys):
