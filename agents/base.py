@@ -14,11 +14,15 @@ the global torch/NumPy/Python RNG states and the env's generators are checkpoint
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
+import re
 import signal
+import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,7 +47,11 @@ from .buffer import DenoisingRolloutBuffer, StepBatch
 from .config import ConfigError, TrainConfig
 from .visual import plot_rewards, save_grid
 
-CHECKPOINT_FORMAT = 1
+# Format 2: loadable with torch.load(weights_only=True) (tensors and plain data, NumPy arrays as tagged bytes),
+# so opening someone else's run folder cannot execute code. Format 1 pickled NumPy objects.
+CHECKPOINT_FORMAT = 2
+CHECKPOINT_NAME = "last.pt"
+_EPOCH_FILE = re.compile(r"epoch(\d+)\.pt")
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as the paper's LoRA
 _SEED_TAGS = {"env": 0, "noise": 1, "shuffle": 2, "group": 3, "train": 4, "eval": 5, "init": 6}
 
@@ -107,6 +115,134 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be opened (damaged, or of an older format); the message names the file and the fix."""
+
+
+def to_weights_only(obj: Any) -> Any:
+    """``obj`` with NumPy arrays, NumPy scalars and deques replaced by what ``torch.load(weights_only=True)`` reads.
+
+    Arrays become ``{"__ndarray__": bytes, "dtype": str, "shape": list}``; :func:`from_weights_only` undoes it.
+    """
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tobytes(), "dtype": obj.dtype.str, "shape": list(obj.shape)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {key: to_weights_only(value) for key, value in obj.items()}
+    if isinstance(obj, list | deque):
+        return [to_weights_only(value) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_weights_only(value) for value in obj)
+    return obj
+
+
+def from_weights_only(obj: Any) -> Any:
+    """The inverse of :func:`to_weights_only` (tagged arrays back to ``np.ndarray``)."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__ndarray__", "dtype", "shape"}:
+            return np.frombuffer(obj["__ndarray__"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+        return {key: from_weights_only(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [from_weights_only(value) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(from_weights_only(value) for value in obj)
+    return obj
+
+
+def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """Open a checkpoint without executing code (``weights_only=True``); returns its state dict.
+
+    Raises:
+        CheckpointError: The file is missing, truncated or damaged, or of an older format (the message
+            says how to convert it if you trust it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, weights_only=True, map_location=map_location)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc) or "weights_only" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {path} holds pickled Python objects (an older diffusion-mdp format, or a file not "
+                "written by diffusion-mdp); opening it could run arbitrary code, so it is refused. If you trust "
+                f"it, convert it once: python -c \"from diffusion_mdp.agents.base import upgrade_checkpoint; "
+                f"upgrade_checkpoint('{path}')\""
+            ) from exc
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({type(exc).__name__}: {reason})") from exc
+    if not isinstance(state, dict) or "epoch" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a diffusion-mdp checkpoint (no epoch/config entries)")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format {state.get('format')!r}; this diffusion-mdp reads format "
+            f"{CHECKPOINT_FORMAT}: convert it with diffusion_mdp.agents.base.upgrade_checkpoint if you trust it"
+        )
+    return from_weights_only(state)
+
+
+def upgrade_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Rewrite an older (pickled, format 1) checkpoint in the current format, in place. Only for trusted files:
+    reading the old format unpickles arbitrary objects."""
+    path = Path(path)
+    state = torch.load(path, weights_only=False, map_location="cpu")
+    state["format"] = CHECKPOINT_FORMAT
+    atomic_torch_save(to_weights_only(state), path)
+    return path
+
+
+def checkpoint_candidates(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """A run's checkpoint files, newest first: ``checkpoints/last.pt``, then ``checkpoints/epoch<N>.pt``."""
+    folder = Path(run_dir) / "checkpoints"
+    older = [p for p in folder.glob("epoch*.pt") if _EPOCH_FILE.fullmatch(p.name)] if folder.is_dir() else []
+    older.sort(key=lambda p: int(_EPOCH_FILE.fullmatch(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
+    last = folder / CHECKPOINT_NAME
+    return ([last] if last.is_file() else []) + older
+
+
+def find_checkpoint(
+    run_dir: str | os.PathLike[str], map_location: Any = "cpu", warn: bool = True
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest intact checkpoint of a run and its state (None: the run has none).
+
+    A damaged newest file is skipped, with a message on stderr (``warn``) naming it and the one used instead.
+
+    Raises:
+        CheckpointError: There are checkpoint files but none can be opened (each one's reason is listed).
+    """
+    reasons = []
+    for path in checkpoint_candidates(run_dir):
+        try:
+            state = load_checkpoint_file(path, map_location)
+        except CheckpointError as exc:
+            reasons.append(str(exc))
+            continue
+        if reasons and warn:
+            print(
+                f"warning: {'; '.join(reasons)}. Falling back to the newest intact checkpoint: {path} "
+                f"(epoch {state['epoch']})",
+                file=sys.stderr,
+            )
+        return path, state
+    if reasons:
+        raise CheckpointError("no usable checkpoint in " + f"{Path(run_dir) / 'checkpoints'}: " + "; ".join(reasons))
+    return None
+
+
+def prompt_fingerprint(prompts: PromptSet) -> str:
+    """SHA-256 of a prompt set's prompts, in order (what a resumed run must find unchanged)."""
+    return hashlib.sha256("\n".join(prompts.prompts).encode()).hexdigest()
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped on a signal (Ctrl-C, SIGTERM, SIGHUP); ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
 class DiffusionAgent:
     """Base class: everything but the update rule. Subclasses set ``algorithm`` and ``train_on_rollouts``.
 
@@ -141,6 +277,7 @@ class DiffusionAgent:
             torch_obs=True,
             autoreset_mode="Disabled",
             components=components,
+            reward_kwargs=self._remote_reward_kwargs(),
         )
         self.mdp = self.env.unwrapped.mdp
         # async_reward: the env defers the reward; batch b is scored in the background while b + 1 samples.
@@ -199,7 +336,17 @@ class DiffusionAgent:
         self.eval_history: list[dict[str, Any]] = []
         self.logger: Logger | None = None
         self._stop_requested = False
+        self._stop_signal: int = signal.SIGINT
+        self._saved_epoch: int | None = None  # epoch of the checkpoint at checkpoint_path, once known
+        self._eval_pending = False  # a resumed run whose last evaluation was due but not done
         self.last_images: tuple[np.ndarray, list[str], np.ndarray] | None = None
+
+    def _remote_reward_kwargs(self) -> dict[str, Any] | None:
+        """Timeout, retries and token of a reward server (``reward = "http://..."``); None for a local reward."""
+        cfg = self.config
+        if not cfg.reward.startswith(("http://", "https://")):
+            return None
+        return {"timeout": cfg.reward_timeout, "retries": cfg.reward_retries, "token": cfg.reward_token or None}
 
     def _optimizer_class(self) -> type[torch.optim.Optimizer]:
         """AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam`` (same hyper-parameters)."""
@@ -387,7 +534,11 @@ class DiffusionAgent:
 
     def _checkpoint_note(self) -> str:
         if self.checkpoint_path.is_file():
-            return f"{self.checkpoint_path}, epoch {torch.load(self.checkpoint_path, weights_only=False)['epoch']}"
+            epoch = self._saved_epoch
+            if epoch is None:
+                with contextlib.suppress(CheckpointError):
+                    epoch = load_checkpoint_file(self.checkpoint_path)["epoch"]
+            return f"{self.checkpoint_path}, epoch {epoch if epoch is not None else '?'}"
         return "none written yet"
 
     # ------------------------------------------------------------------------------------------
@@ -469,7 +620,9 @@ class DiffusionAgent:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+            raise CheckpointError(
+                f"unsupported checkpoint format {state.get('format')!r} (this version reads {CHECKPOINT_FORMAT})"
+            )
         params = dict(self.unet.named_parameters())
         missing = [n for n in state["trainable"] if n not in params]
         if missing:
@@ -491,43 +644,114 @@ class DiffusionAgent:
         for generator, env_state in zip(self.env.unwrapped._rngs, rng["env"], strict=True):
             generator.bit_generator.state = env_state
 
-    def save_checkpoint(self) -> Path:
-        atomic_torch_save(self.state_dict(), self.checkpoint_path)
-        return self.checkpoint_path
+    def save_checkpoint(self, eval_pending: bool = False) -> Path:
+        """Write ``checkpoints/last.pt`` atomically, keeping the previous ones as ``epoch<N>.pt`` (the newest
+        ``keep_checkpoints`` in all), so a damaged newest file still leaves one to resume from.
 
-    def load_checkpoint(self, path: str | os.PathLike[str] | None = None) -> None:
-        self.load_state_dict(torch.load(path or self.checkpoint_path, weights_only=False, map_location=self.device))
+        Args:
+            eval_pending: The evaluation of this epoch is due but runs after the save; a resume runs it first.
+        """
+        state = self.state_dict()
+        state["config"] = {**state["config"], "reward_token": ""}  # a secret: never written to the run folder
+        state["eval_pending"] = bool(eval_pending)
+        state["prompt_fingerprints"] = {
+            "prompts": prompt_fingerprint(self.train_prompts),
+            "eval_prompts": prompt_fingerprint(self.eval_prompts),
+        }
+        path = self.checkpoint_path
+        folder = path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(to_weights_only(state), tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        if path.is_file():  # keep the previous checkpoint under its epoch's name
+            previous = self._saved_epoch
+            if previous is None:
+                try:
+                    previous = int(load_checkpoint_file(path)["epoch"])
+                except CheckpointError:
+                    os.replace(path, folder / "unreadable-last.pt")  # kept for inspection, never resumed from
+            if previous is not None and previous != self.epoch:
+                os.replace(path, folder / f"epoch{previous:04d}.pt")
+        os.replace(tmp, path)  # a crash before this line leaves epoch<previous>.pt, which resume falls back to
+        self._saved_epoch = self.epoch
+        for old in checkpoint_candidates(self.run_dir)[self.config.keep_checkpoints :]:
+            if old != path:
+                old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Restore a checkpoint: ``path``, or the run's newest intact one (a damaged newest file is skipped with a
+        message). Returns the file used.
+
+        Raises:
+            CheckpointError: No checkpoint, or none that can be opened.
+        """
+        if path is not None:
+            used, state = Path(path), load_checkpoint_file(path, self.device)
+        else:
+            found = find_checkpoint(self.run_dir, self.device)
+            if found is None:
+                raise CheckpointError(f"no checkpoint in {self.run_dir / 'checkpoints'}")
+            used, state = found
+        self.load_state_dict(state)
+        self._eval_pending = bool(state.get("eval_pending", False))
+        if used == self.checkpoint_path:
+            self._saved_epoch = self.epoch
+        return used
 
     # ------------------------------------------------------------------------------------------
     # The epoch loop
     # ------------------------------------------------------------------------------------------
     def request_stop(self) -> None:
-        """Finish the current epoch, write a checkpoint, then stop (what Ctrl-C does)."""
+        """Finish the current epoch, write a checkpoint, then stop (what Ctrl-C, SIGTERM and SIGHUP do)."""
         self._stop_requested = True
 
     @contextlib.contextmanager
     def _interrupt_handler(self) -> Iterator[None]:
-        """First Ctrl-C: stop after this epoch with a checkpoint. Second: abort now (last checkpoint kept)."""
-        if not hasattr(signal, "SIGINT") or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            yield
-            return
+        """First Ctrl-C / SIGTERM / SIGHUP: stop after this epoch with a checkpoint. Second: abort now (the last
+        checkpoint is kept). SIGTERM is what cluster schedulers and ``timeout`` send at preemption.
+
+        A signal whose handler is not the default (a framework's, or SIG_IGN under ``nohup``) is left alone.
+        """
+        defaults = {"SIGINT": signal.default_int_handler, "SIGTERM": signal.SIG_DFL, "SIGHUP": signal.SIG_DFL}
+        signals = [getattr(signal, name) for name in defaults if hasattr(signal, name)]
+        signals = [sig for sig in signals if signal.getsignal(sig) is defaults[signal.Signals(sig).name]]
+        labels = {"SIGINT": "Ctrl-C"}
 
         def handler(signum: int, frame: Any) -> None:
+            label = labels.get(signal.Signals(signum).name, signal.Signals(signum).name)
             if self._stop_requested:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt
-            print("\nCtrl-C: finishing this epoch, then saving a checkpoint (Ctrl-C again aborts without saving)")
+                restore()
+                raise TrainingStopped(
+                    f"{label} again: aborted during epoch {self.epoch + 1}; the last checkpoint "
+                    f"({self._checkpoint_note()}) is kept",
+                    signum,
+                )
+            print(
+                f"\n{label}: finishing this epoch, then saving a checkpoint ({label} again aborts without saving)",
+                flush=True,
+            )
+            self._stop_signal = signum
             self.request_stop()
 
+        installed: dict[int, Any] = {}
+
+        def restore() -> None:
+            for sig, previous in installed.items():
+                signal.signal(sig, previous)
+            installed.clear()
+
         try:
-            signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            yield
-            return
+            for sig in signals:
+                installed[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: signals cannot be handled here
+            restore()
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            restore()
 
     def _setup_logger(self) -> Logger:
         formats = [f.strip() for f in self.config.log_formats.split(",") if f.strip()]
@@ -554,13 +778,18 @@ class DiffusionAgent:
         main = self.dist.is_main  # multi-process: only the main process writes logs, images and checkpoints
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            saved_config = {**cfg.to_dict(), "reward_token": ""}  # a secret: never written to the run folder
+            (self.run_dir / "config.json").write_text(json.dumps(saved_config, indent=2))
             self.logger = self._setup_logger()
         if self.epoch > 0 and main:  # resumed: metrics.jsonl may hold epochs after the checkpoint (a crash): rewrite
             lines = [json.dumps(metrics) + "\n" for metrics in self.history]
             (self.run_dir / "metrics.jsonl").write_text("".join(lines))
         if self.epoch == 0 and not self.eval_history and cfg.eval_num_samples and main:
-            self._evaluate_and_log(0)
+            self._evaluate_in_loop(0)
+        evaluated = {entry["epoch"] for entry in self.eval_history}
+        if self._eval_pending and self.epoch not in evaluated and cfg.eval_num_samples and main:
+            self._evaluate_in_loop(self.epoch)  # due at the checkpoint's epoch, not done before it stopped
+        self._eval_pending = False
         bar = tqdm(
             range(self.epoch, cfg.num_epochs),
             initial=self.epoch,
@@ -602,13 +831,20 @@ class DiffusionAgent:
                         self.run_dir / "images" / f"samples_epoch{self.epoch:04d}.png",
                         title=f"training samples, epoch {self.epoch}",
                     )
-                if cfg.eval_num_samples and (self.epoch % cfg.eval_every == 0 or done):
-                    self._evaluate_and_log(self.epoch)
-                if self.epoch % cfg.save_every == 0 or done or self._stop_requested:
-                    self.save_checkpoint()
-                if self._stop_requested:
+                eval_due = bool(cfg.eval_num_samples) and (self.epoch % cfg.eval_every == 0 or done)
+                # Save before evaluating: an evaluation that fails (its reward) loses no trained epoch.
+                if self.epoch % cfg.save_every == 0 or done or eval_due or self._stop_requested:
+                    self.save_checkpoint(eval_pending=eval_due)
+                if self._stop_requested:  # a due evaluation is left pending: the resumed run does it first
                     bar.close()
-                    raise KeyboardInterrupt(f"stopped after epoch {self.epoch}; checkpoint {self.checkpoint_path}")
+                    name = signal.Signals(self._stop_signal).name
+                    raise TrainingStopped(
+                        f"stopped after epoch {self.epoch} ({'Ctrl-C' if name == 'SIGINT' else name}); "
+                        f"checkpoint {self.checkpoint_path}",
+                        self._stop_signal,
+                    )
+                if eval_due:
+                    self._evaluate_in_loop(self.epoch)
         bar.close()
         return self.finish()
 
@@ -638,6 +874,24 @@ class DiffusionAgent:
         if self.logger is not None:
             self.logger.close()
         return summary
+
+    def _evaluate_in_loop(self, epoch: int) -> dict[str, Any]:
+        """:meth:`_evaluate_and_log`, with any failure reported as a :class:`RewardError` naming the reward, the
+        epoch and the checkpoint that holds the training so far (written just before)."""
+        try:
+            return self._evaluate_and_log(epoch)
+        except Exception as exc:
+            if epoch == 0:
+                kept = "no epoch was trained yet, so nothing is lost; fix the reward and start the run again"
+            else:
+                kept = (
+                    f"training up to epoch {epoch} is saved in {self._checkpoint_note()}; fix the reward and "
+                    "continue with --resume (the evaluation is redone first)"
+                )
+            detail = str(exc) if isinstance(exc, RewardError) else f"{type(exc).__name__}: {exc}"
+            raise RewardError(
+                f"evaluation after epoch {epoch} failed (reward {self.mdp.reward_name!r}): {detail}. {kept}."
+            ) from exc
 
     def _evaluate_and_log(self, epoch: int) -> dict[str, Any]:
         result = self.evaluate()

@@ -2,7 +2,8 @@
 
 Every field carries a docstring (the string literal right below it); :func:`field_docs` reads them so
 that ``diffusion-mdp train --help`` prints the same text. A config comes from, in increasing priority:
-the dataclass defaults, a ``--preset``, a config file (TOML or JSON, flat ``key = value``), and flags.
+the dataclass defaults, a ``--preset``, a config file (TOML, JSON or YAML as its extension says, flat
+``key = value`` or one ``[train]`` table), and flags.
 :meth:`TrainConfig.validate` checks everything that can be checked before any model is loaded and
 raises :class:`ConfigError` naming the fix.
 
@@ -22,6 +23,7 @@ import difflib
 import inspect
 import itertools
 import json
+import math
 import os
 import textwrap
 import tomllib
@@ -63,6 +65,13 @@ class TrainConfig:
     """Model: 'tiny-shapes' (bundled), a diffusers pipeline folder, or a hub id."""
     reward: str = "jpeg_compressibility"
     """Registered reward name (see diffusion_mdp.rewards.available_rewards()) or a reward server URL http://host:port."""
+    reward_timeout: float = 60.0
+    """Reward server (URL rewards only): seconds to wait for one answer before the attempt counts as failed."""
+    reward_retries: int = 2
+    """Reward server: attempts after the first for connection errors, timeouts and 5xx answers."""
+    reward_token: str = ""
+    """Reward server: the shared secret it was started with (--token); '' reads $DIFFUSION_MDP_REWARD_TOKEN.
+    Never written to the run folder."""
     prompts: str = ""
     """Training prompt set name or .txt file ('' = the model's default set)."""
     eval_prompts: str = ""
@@ -156,7 +165,9 @@ class TrainConfig:
 
     # --- outputs ---------------------------------------------------------------------------------
     save_every: int = 10
-    """Write a checkpoint every this many epochs (and at the end and on Ctrl-C)."""
+    """Write a checkpoint every this many epochs (and at the end, and on Ctrl-C / SIGTERM / SIGHUP)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (>= 2: a damaged newest one falls back to the one before)."""
     eval_every: int = 10
     """Evaluate on the held-out prompts every this many epochs (and before the first and after the last)."""
     eval_num_samples: int = 16
@@ -170,12 +181,39 @@ class TrainConfig:
 
     # ---------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
-        """Check the config; raise :class:`ConfigError` listing every problem with its fix. Returns self."""
+        """Check the config; raise :class:`ConfigError` listing every problem with its fix. Returns self.
+
+        Every field is checked here, before any model loads: the ranges say what works (η in (0, 1], AdamW
+        β in [0, 1), finite floats, ...), and each message names the field, the accepted range and the fix.
+        """
         problems: list[str] = []
 
         def need(ok: bool, message: str) -> None:
             if not ok:
                 problems.append(message)
+
+        # Types first (a dataclass built by hand may hold anything): the range checks below assume them.
+        for f in dataclasses.fields(self):
+            kind = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+            value = getattr(self, f.name)
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                problems.append(f"{f.name}={value!r} must be a {kind.__name__}")
+        if problems:
+            raise ConfigError("invalid config: " + "\n  ".join(problems))
+        finite: set[str] = set()  # fields whose value is not NaN/inf (the others have their problem already)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{f.name}={value} must be a finite number (got NaN or infinity)")
+            else:
+                finite.add(f.name)
+
+        def check(key: str, ok: bool, rule: str, fix: str = "") -> None:
+            if key in finite:
+                need(ok, f"{key}={getattr(self, key)!r} {rule}" + (f": {fix}" if fix else ""))
 
         need(self.algorithm in ALGORITHMS, f"algorithm={self.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
         need(
@@ -202,20 +240,42 @@ class TrainConfig:
             "save_every",
             "eval_every",
         ):
-            need(getattr(self, key) >= 1, f"{key}={getattr(self, key)} must be >= 1")
-        for key in ("stat_min_count", "eval_num_samples", "image_every", "num_threads"):
-            need(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
-        for key in ("learning_rate", "clip_range", "adv_clip_max", "rwr_beta", "lora_alpha"):
-            need(getattr(self, key) > 0, f"{key}={getattr(self, key)} must be > 0")
-        for key in ("lr_end", "clip_range_end", "max_grad_norm", "kl_coef", "adam_weight_decay"):
-            need(getattr(self, key) >= 0, f"{key}={getattr(self, key)} must be >= 0")
-        need(self.eta > 0, f"eta={self.eta} must be > 0: the policy must be stochastic to have log-probabilities")
-        need(self.guidance_scale >= 1, f"guidance_scale={self.guidance_scale} must be >= 1 (1 disables guidance)")
-        need(0 < self.timestep_fraction <= 1, f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
-        need(
-            0 <= self.sparse_rwr_percentile < 1,
-            f"sparse_rwr_percentile={self.sparse_rwr_percentile} must be in [0, 1)",
+            check(key, getattr(self, key) >= 1, "must be >= 1")
+        for key in ("stat_min_count", "eval_num_samples", "image_every", "num_threads", "reward_retries"):
+            check(key, getattr(self, key) >= 0, "must be >= 0")
+        check("seed", 0 <= self.seed < 2**63, "must be in [0, 2**63)", "seeds are non-negative integers")
+        check(
+            "keep_checkpoints",
+            self.keep_checkpoints >= 2,
+            "must be >= 2",
+            "the checkpoint before the newest is the fallback if the newest is damaged",
         )
+        for key in ("learning_rate", "adv_clip_max", "rwr_beta", "lora_alpha", "adam_epsilon", "reward_timeout"):
+            check(key, getattr(self, key) > 0, "must be > 0")
+        for key in ("lr_end", "max_grad_norm", "kl_coef", "adam_weight_decay"):
+            check(key, getattr(self, key) >= 0, "must be >= 0")
+        check("clip_range", 0 < self.clip_range < 1, "must be in (0, 1)", "the PPO ratio is clipped to [1 - ε, 1 + ε]")
+        check("clip_range_end", 0 <= self.clip_range_end < 1, "must be in [0, 1)")
+        for key in ("adam_beta1", "adam_beta2"):
+            check(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)", "AdamW's moment decay rates (e.g. 0.9, 0.999)")
+        check(
+            "eta",
+            0 < self.eta <= 1,
+            "must be in (0, 1]",
+            "η > 0 gives the policy a density (log-probabilities); η > 1 makes the DDIM variance exceed the "
+            "noise level and the sample diverges to NaN (the paper: 1.0)",
+        )
+        check("guidance_scale", self.guidance_scale >= 1, "must be >= 1 (1 disables guidance)")
+        check("timestep_fraction", 0 < self.timestep_fraction <= 1, "must be in (0, 1]")
+        check("sparse_rwr_percentile", 0 <= self.sparse_rwr_percentile < 1, "must be in [0, 1)")
+        if self.advantage_mode == "per_prompt" and self.stat_buffer_size >= 1:
+            check(
+                "stat_min_count",
+                self.stat_min_count <= self.stat_buffer_size,
+                f"exceeds stat_buffer_size={self.stat_buffer_size}",
+                "the tracker keeps at most stat_buffer_size rewards per prompt, so per-prompt statistics would "
+                "never be used; lower stat_min_count or raise stat_buffer_size",
+            )
         if self.samples_per_epoch >= 1 and self.sample_batch_size >= 1:
             need(
                 self.samples_per_epoch % self.sample_batch_size == 0,
@@ -263,16 +323,27 @@ class TrainConfig:
             self.mixed_precision != "fp16" or self.device.startswith("cuda"),
             "mixed_precision='fp16' is for CUDA devices; use 'bf16' on CPU",
         )
-        if self.device.startswith("cuda"):
-            import torch
-
-            need(torch.cuda.is_available(), f"device={self.device!r} but CUDA is not available: use device='cpu'")
+        device_problem = device_error(self.device)
+        if device_problem:
+            problems.append(f"device={self.device!r}: {device_problem}")
         for fmt in filter(None, (f.strip() for f in self.log_formats.split(","))):
             need(
                 fmt in ("stdout", "csv", "tensorboard", "log", "json"),
                 f"log_formats: unknown format {fmt!r} (use stdout, csv, tensorboard, log, json)",
             )
-        need(bool(self.name) and "/" not in self.name, f"name={self.name!r}: give a non-empty name without '/'")
+        name_problem = run_name_error(self.name)
+        if name_problem:
+            problems.append(f"name={self.name!r}: {name_problem}")
+        need(bool(self.output_dir.strip()), "output_dir is empty: give the parent folder of run folders (e.g. runs)")
+        if self.reward.startswith(("http://", "https://")):
+            from urllib.parse import urlsplit
+
+            try:
+                parts = urlsplit(self.reward)
+                ok = bool(parts.hostname) and (parts.port is None or parts.port > 0)
+            except ValueError:
+                ok = False
+            need(ok, f"reward={self.reward!r} is not a valid server URL: use http://host:port")
         self._validate_names(problems)
         if problems:
             raise ConfigError("invalid config: " + "\n  ".join(problems))
@@ -295,9 +366,21 @@ class TrainConfig:
                 except (ValueError, FileNotFoundError, TypeError) as exc:
                     problems.append(f"{key}: {exc}")
         try:
-            resolve_model(self.model)
+            location, is_local = resolve_model(self.model)
         except (ModelNotAvailableError, FileNotFoundError) as exc:
             problems.append(f"model: {exc}")
+            return
+        scheduler_file = Path(location) / "scheduler" / "scheduler_config.json"
+        if is_local and scheduler_file.is_file() and self.num_steps >= 1:
+            try:
+                train_steps = int(json.loads(scheduler_file.read_text()).get("num_train_timesteps", 1000))
+            except (ValueError, TypeError):
+                return
+            if self.num_steps > train_steps:
+                problems.append(
+                    f"num_steps={self.num_steps} exceeds the model's {train_steps} training timesteps: "
+                    f"use at most {train_steps} (the paper: 50)"
+                )
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -374,6 +457,38 @@ def field_docs() -> dict[str, str]:
         ):
             docs[node.target.id] = str(following.value.value)
     return docs
+
+
+def run_name_error(name: str) -> str | None:
+    """Why ``name`` cannot be a run folder's name (None if it can): one path component, no way out of output_dir."""
+    if not name or not name.strip():
+        return "give a non-empty name"
+    if name in (".", "..") or any(sep in name for sep in ("/", "\\", os.sep, "\0")):
+        return "a run name is one folder name inside output_dir: no '/', '\\', '.' or '..' (e.g. name=my-run)"
+    if name != name.strip():
+        return "remove the leading/trailing spaces"
+    return None
+
+
+def device_error(device: str) -> str | None:
+    """Why ``device`` cannot be used here (None if it can): not a torch device, or its backend is missing."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return "not a torch device: use 'cpu', 'cuda', 'cuda:<index>' or 'mps'"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available in this environment (torch.cuda.is_available() is False): use device='cpu'"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"there are {torch.cuda.device_count()} CUDA devices (indices 0..{torch.cuda.device_count() - 1})"
+    elif parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            return "MPS is not available on this machine: use device='cpu'"
+    elif parsed.type not in ("cpu", "xpu", "npu", "hpu"):
+        return f"device type {parsed.type!r} is not supported for training: use 'cpu', 'cuda' or 'mps'"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,18 +602,80 @@ PRESETS.update(
 )
 
 
+CONFIG_FILE_FORMATS = {".toml": "TOML", ".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}
+
+
+def _json_object_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice is an error (JSON itself would keep the last one silently)."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ConfigError(f"key {key!r} is given twice: keep one")
+        result[key] = value
+    return result
+
+
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a flat TOML or JSON config file (``[train]`` table or top level)."""
+    """Read a flat config file, parsed as its extension says (``.toml``, ``.json``, ``.yaml``/``.yml``).
+
+    The fields are either all at the top level or all in one ``train`` table; a file with both (or with
+    other tables) is an error rather than a file whose other keys are silently ignored.
+
+    Raises:
+        ConfigError: Missing file, unknown extension, a syntax error (with the parser's position), keys given
+            twice, keys outside the ``[train]`` table, or YAML without PyYAML installed.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    kind = CONFIG_FILE_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError(
+            f"config file {path}: unknown extension {path.suffix or '(none)'!r}; name it .toml, .json or .yaml "
+            "so that it is parsed as what it is"
+        )
     try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from exc
-    if "train" in data and isinstance(data["train"], dict):
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
+        ) from None
+    try:
+        if kind == "JSON":
+            data = json.loads(text, object_pairs_hook=_json_object_no_duplicates)
+        elif kind == "TOML":
+            data = tomllib.loads(text)
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(
+                    f"config file {path} is YAML but PyYAML is not installed: pip install pyyaml, or write the "
+                    "same keys as TOML (run.toml)"
+                ) from None
+            data = yaml.safe_load(text)  # safe_load: plain data only, no Python objects
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    except Exception as exc:  # each parser has its own error type; all of them mean a syntax error
+        raise ConfigError(f"config file {path} is not valid {kind}: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold key = value pairs (a table), got a {type(data).__name__}")
+    if isinstance(data.get("train"), dict):
+        others = sorted(k for k in data if k != "train")
+        if others:
+            raise ConfigError(
+                f"config file {path} has keys outside its [train] table: {', '.join(others)}. They would be "
+                "ignored: move them into [train], or drop the [train] header and keep every key at the top level"
+            )
         data = data["train"]
+    tables = sorted(k for k, v in data.items() if isinstance(v, dict))
+    if tables:
+        raise ConfigError(
+            f"config file {path}: {', '.join(tables)} is a table; config files are flat (key = value), with at most "
+            "one [train] table"
+        )
     return dict(data)
 
 

@@ -1,5 +1,10 @@
 """``train``: build the agent of a config (fresh or resumed) and run it — what ``diffusion-mdp train`` calls.
 
+A run folder belongs to one run: a fresh run goes only into an empty (or new) folder, or one whose earlier
+run stopped before training anything; anything else needs ``resume=True`` (there is a checkpoint) or
+``overwrite=True`` (delete the old run's files, never files that are not a run's). Paths in the config
+(model folder, prompt files) are stored absolute, so a run resumes from any working directory.
+
 The extension point for a new algorithm is :func:`register_algorithm`: subclass
 :class:`~diffusion_mdp.agents.base.DiffusionAgent`, implement ``train_on_rollouts``, register the class.
 """
@@ -7,12 +12,11 @@ The extension point for a new algorithm is :func:`register_algorithm`: subclass
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .base import DiffusionAgent
+from .base import DiffusionAgent, checkpoint_candidates, find_checkpoint, prompt_fingerprint
 from .config import ALGORITHMS, ConfigError, TrainConfig
 from .ddpo_is import DDPOIS
 from .ddpo_sf import DDPOSF
@@ -22,7 +26,35 @@ AGENTS: dict[str, type[DiffusionAgent]] = {"ddpo_is": DDPOIS, "ddpo_sf": DDPOSF,
 
 # Fields that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE_OVERRIDES = frozenset(
-    {"num_epochs", "save_every", "eval_every", "image_every", "log_formats", "progress_bar", "num_threads", "device"}
+    {
+        "num_epochs",
+        "save_every",
+        "eval_every",
+        "image_every",
+        "log_formats",
+        "progress_bar",
+        "num_threads",
+        "device",
+        "keep_checkpoints",
+        "reward_timeout",
+        "reward_retries",
+        "reward_token",
+    }
+)
+# What a run writes into its folder; --overwrite deletes these and nothing else.
+RUN_ARTEFACTS = frozenset(
+    {
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "reward_curve.png",
+        "logs",
+        "images",
+        "checkpoints",
+        "lora",
+        "unet",
+        "failed_rewards",
+    }
 )
 
 
@@ -41,54 +73,179 @@ def make_agent(config: TrainConfig, components: Any = None) -> DiffusionAgent:
 
 
 def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
+    """Where a run's newest checkpoint is written (older ones sit beside it as ``epoch<N>.pt``)."""
     return Path(run_dir) / "checkpoints" / "last.pt"
+
+
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with a local model folder and prompt files made absolute (names stay names), so that the
+    checkpoint's config means the same files from any working directory."""
+    from diffusion_mdp.models import BUNDLED_MODEL
+    from diffusion_mdp.prompts import available_prompt_sets
+
+    changes: dict[str, str] = {}
+    registered = set(available_prompt_sets())
+    for key in ("model", "prompts", "eval_prompts"):
+        value = getattr(config, key)
+        if not value or value == BUNDLED_MODEL or (key != "model" and value in registered):
+            continue
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_absolute():
+            changes[key] = str(path.resolve())
+    return config.replace(**changes) if changes else config
+
+
+def _no_checkpoint_message(run_dir: Path) -> str:
+    folder = run_dir / "checkpoints"
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        return (
+            f"--resume: no checkpoint in {folder}: {run_dir} holds a run that stopped before its first checkpoint, "
+            "so there is nothing to resume. Start it over with --overwrite (deletes that run's files), or start "
+            "a new run under another --name"
+        )
+    return f"--resume: no checkpoint in {folder} (no run there); start the run without --resume"
 
 
 def resume_config(run_dir: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The config of the run in ``run_dir``, with the allowed ``overrides`` (e.g. more epochs).
 
+    The run folder is where the checkpoint was found (``output_dir`` and ``name`` come from ``run_dir``, not
+    from the checkpoint, whose relative paths meant another working directory).
+
     Raises:
-        ConfigError: No checkpoint there, or an override that would change what the run computes.
+        ConfigError: No checkpoint there (or none intact), or an override that would change what the run computes.
     """
-    path = checkpoint_path(run_dir)
-    if not path.is_file():
-        raise ConfigError(f"--resume: no checkpoint at {path}; start the run without --resume")
-    saved = torch.load(path, weights_only=False, map_location="cpu")["config"]
+    run_dir = Path(run_dir)
+    found = find_checkpoint(run_dir, warn=False)  # train() says which file it resumes from
+    if found is None:
+        raise ConfigError(_no_checkpoint_message(run_dir))
+    saved = found[1]["config"]
     overrides = dict(overrides or {})
+    overrides.pop("name", None)
+    overrides.pop("output_dir", None)
+    if overrides:  # compare paths as the checkpoint stores them (absolute)
+        normalised = absolute_paths(TrainConfig.from_dict({**saved, **overrides}))
+        for key in ("model", "prompts", "eval_prompts"):
+            if key in overrides:
+                overrides[key] = getattr(normalised, key)
     changed = {k: v for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and saved.get(k) != v}
-    changed.pop("name", None)
-    changed.pop("output_dir", None)
     if changed:
         raise ConfigError(
             f"--resume continues the same run, but these settings differ from the checkpoint's: "
             f"{', '.join(f'{k} ({saved.get(k)!r} -> {v!r})' for k, v in changed.items())}. Drop them, or start "
             f"a new run under another --name. Changeable on resume: {', '.join(sorted(RESUMABLE_OVERRIDES))}"
         )
-    return TrainConfig.from_dict({**saved, **overrides, "output_dir": saved["output_dir"], "name": saved["name"]})
+    return TrainConfig.from_dict({**saved, **overrides, "output_dir": str(run_dir.parent), "name": run_dir.name})
 
 
-def train(config: TrainConfig, resume: bool = False, components: Any = None) -> tuple[DiffusionAgent, dict[str, Any]]:
+def check_prompts_unchanged(state: dict[str, Any], path: Path) -> None:
+    """Refuse to resume on prompt files that changed since the checkpoint: the run would go on with other prompts.
+
+    Raises:
+        ConfigError: A prompt file that no longer loads, or whose prompts differ from the checkpoint's.
+    """
+    from diffusion_mdp.prompts import load_prompts
+
+    saved = state["config"]
+    for key, digest in (state.get("prompt_fingerprints") or {}).items():
+        spec = saved.get(key)
+        if not spec:  # the model's default set / the training prompts: not a user file
+            continue
+        try:
+            current = prompt_fingerprint(load_prompts(spec))
+        except (ValueError, FileNotFoundError, TypeError) as exc:
+            raise ConfigError(f"--resume: {key}={spec!r} of the checkpoint {path} no longer loads: {exc}") from exc
+        if current != digest:
+            raise ConfigError(
+                f"--resume: the {key} file {spec} changed since the checkpoint {path} (epoch {state['epoch']}) was "
+                "written, so the run would continue on other prompts than it started with. Restore the file, or "
+                "start a new run (another --name) with the new prompts"
+            )
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> None:
+    """Make sure a fresh run may write into ``run_dir`` (and, with ``overwrite``, delete the old run's files).
+
+    Raises:
+        ConfigError: The folder holds files that are not a run's (never deleted), or a previous run (with or
+            without a checkpoint) and ``overwrite`` is not set.
+    """
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a run folder: choose another --name or --output-dir")
+    entries = sorted(p.name for p in run_dir.iterdir())
+    if not entries:
+        return
+    foreign = [name for name in entries if name not in RUN_ARTEFACTS]
+    if foreign:
+        raise ConfigError(
+            f"{run_dir} is not empty and is not a run folder (it holds {', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}): a run there would overwrite files. Choose another --name "
+            "or --output-dir (--overwrite never deletes files a run did not write)"
+        )
+    checkpoints = checkpoint_candidates(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    epochs = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    kept = [name for name in ("failed_rewards", "lora", "unet", "summary.json") if name in entries]
+    if not checkpoints and not epochs and not kept:
+        return  # a run that stopped before training anything: nothing to lose
+    if not overwrite:
+        if checkpoints:
+            raise ConfigError(
+                f"{run_dir} already holds a run (checkpoint {checkpoints[0]}): pass --resume to continue it, "
+                "--overwrite to delete it and start over, or choose another --name / --output-dir"
+            )
+        what = [f"{epochs} epoch(s) in metrics.jsonl"] if epochs else []
+        what += [f"{name}" for name in kept]
+        raise ConfigError(
+            f"{run_dir} holds a run that stopped before its first checkpoint ({', '.join(what)}): a fresh run "
+            "there would mix two runs' logs and overwrite its images. Pass --overwrite to delete it and start "
+            "over, or choose another --name / --output-dir"
+        )
+    for name in entries:
+        target = run_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    print(f"--overwrite: deleted the previous run's files in {run_dir}")
+
+
+def train(
+    config: TrainConfig, resume: bool = False, components: Any = None, overwrite: bool = False
+) -> tuple[DiffusionAgent, dict[str, Any]]:
     """Train (or continue) the run of ``config``; returns the agent and its summary.
 
     Args:
         config: The run's config (for ``resume``, usually from :func:`resume_config`).
-        resume: Continue from ``<run_dir>/checkpoints/last.pt``.
+        resume: Continue from the run's newest intact checkpoint (``<run_dir>/checkpoints/``).
         components: Optional already-loaded model components (tests).
+        overwrite: A fresh run may replace the previous run in its folder (its files are deleted first).
 
     Raises:
-        ConfigError: A bad config, resuming without a checkpoint, or a fresh run over an existing checkpoint.
+        ConfigError: A bad config, resuming without a checkpoint or on changed prompt files, or a fresh run into a
+            folder that holds another run (or files that are not a run's).
     """
     config.validate()
-    path = checkpoint_path(config.run_dir)
-    if resume and not path.is_file():
-        raise ConfigError(f"--resume: no checkpoint at {path}; start the run without --resume")
-    if not resume and path.is_file():
-        raise ConfigError(
-            f"{config.run_dir} already holds a run (checkpoint {path}): pass --resume to continue it, or "
-            "choose another --name / --output-dir"
-        )
-    agent = make_agent(config, components)
+    run_dir = config.run_dir
+    if Path(os.path.normpath(run_dir)).parent != Path(os.path.normpath(config.output_dir)):
+        raise ConfigError(f"name={config.name!r} would put the run outside output_dir={config.output_dir!r}")
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run and --overwrite deletes it: pass one of them")
     if resume:
+        found = find_checkpoint(run_dir)
+        if found is None:
+            raise ConfigError(_no_checkpoint_message(run_dir))
+        path, state = found
+        check_prompts_unchanged(state, path)
+        agent = make_agent(config, components)
         agent.load_checkpoint(path)
+        print(f"resumed from {path} (epoch {agent.epoch})")
+    else:
+        config = absolute_paths(config)
+        prepare_run_dir(run_dir, overwrite)
+        agent = make_agent(config, components)
     summary = agent.learn()
     return agent, summary
+

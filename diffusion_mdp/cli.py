@@ -43,29 +43,42 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from diffusion_mdp.agents.config import PRESETS
 
-    parser = argparse.ArgumentParser(prog="diffusion-mdp", description="DDPO on the denoising MDP.")
+    # allow_abbrev=False everywhere: a prefix of a flag (--learning-rat, --resum) is an error, not that flag.
+    parser = argparse.ArgumentParser(prog="diffusion-mdp", description="DDPO on the denoising MDP.", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
-        "train", help="train a diffusion model with DDPO or RWR", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        "train",
+        help="train a diffusion model with DDPO or RWR",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     train.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset (the paper's tasks, tiny-shapes)")
     train.add_argument(
         "--config", dest="config_file", help="TOML or JSON file of config fields (flat, or a [train] table)"
     )
     train.add_argument("--resume", action="store_true", help="continue the run <output-dir>/<name> from its checkpoint")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run folder that holds a previous run (deletes that run's files, nothing else)",
+    )
     _add_config_flags(train)
 
-    sample = commands.add_parser("sample", help="render images from a run's checkpoint")
+    sample = commands.add_parser("sample", help="render images from a run's checkpoint", allow_abbrev=False)
     source = sample.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="run folder (uses <run>/checkpoints/last.pt)")
+    source.add_argument("--run", help="run folder (uses its newest intact checkpoint)")
     source.add_argument("--checkpoint", help="checkpoint file")
     sample.add_argument("--prompt", action="append", dest="prompts", help="prompt (repeatable); default: eval prompts")
     sample.add_argument("--num-samples", type=int, default=8, help="images to render")
     sample.add_argument("--seed", type=int, default=0, help="noise seed")
     sample.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: the run's)")
     sample.add_argument("--out", default=None, help="output PNG (default: <run>/images/sample_seed<seed>.png)")
-    sample.add_argument("--base", action="store_true", help="render with the LoRA adapter disabled (the base model)")
+    sample.add_argument(
+        "--base",
+        action="store_true",
+        help="render the base model (LoRA disabled, or the untrained UNet of a full fine-tune)",
+    )
     return parser
 
 
@@ -78,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from diffusion_mdp.agents.config import ConfigError, TrainConfig, build_config
     from diffusion_mdp.agents.train import resume_config, train
 
-    reserved = {"command", "preset", "config_file", "resume"}
+    reserved = {"command", "preset", "config_file", "resume", "overwrite"}
     overrides = {k: v for k, v in vars(args).items() if k not in reserved}
     try:
         if args.resume:
@@ -89,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             config = build_config(args.preset, args.config_file, **overrides)
         print(f"run folder: {config.run_dir}  (algorithm {config.algorithm}, reward {config.reward})")
-        _, summary = train(config, resume=args.resume)
+        _, summary = train(config, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt as exc:
@@ -100,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"continue with: diffusion-mdp train --name {config.name} --output-dir {config.output_dir} --resume",
                 file=sys.stderr,
             )
-        return 130
+        return 128 + int(getattr(exc, "signum", 2))  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     if "eval_before" in summary:
         print(
             f"held-out reward: {summary['eval_before']:.4f} (epoch {summary['eval_before_epoch']}) -> "
@@ -114,21 +127,39 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from diffusion_mdp.agents.base import sample_deterministic
-    from diffusion_mdp.agents.config import TrainConfig
+    from diffusion_mdp.agents.base import CheckpointError, find_checkpoint, load_checkpoint_file, sample_deterministic
+    from diffusion_mdp.agents.config import ConfigError, TrainConfig
     from diffusion_mdp.agents.train import make_agent
     from diffusion_mdp.agents.visual import save_grid
     from diffusion_mdp.mdp import decode_latents
 
-    path = Path(args.checkpoint) if args.checkpoint else Path(args.run) / "checkpoints" / "last.pt"
-    if not path.is_file():
-        return _fail(f"no checkpoint at {path}: pass --run <run folder> or --checkpoint <file>")
     if args.num_samples < 1:
-        return _fail("--num-samples must be >= 1")
-    state = torch.load(path, weights_only=False, map_location="cpu")
-    config = TrainConfig.from_dict({**state["config"], "progress_bar": False, "device": "cpu"})
-    agent = make_agent(config)
-    agent.load_state_dict(state)
+        return _fail(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.num_steps is not None and args.num_steps < 1:
+        return _fail(f"--num-steps must be >= 1 (or left out for the run's own), got {args.num_steps}")
+    if args.seed < 0:
+        return _fail(f"--seed must be >= 0, got {args.seed}")
+    if args.prompts and not all(p.strip() for p in args.prompts):
+        return _fail("--prompt '' is empty: give a prompt, or leave --prompt out for the run's eval prompts")
+    try:
+        if args.checkpoint:
+            path = Path(args.checkpoint)
+            state = load_checkpoint_file(path)  # weights_only: opening a file cannot execute code
+        else:
+            found = find_checkpoint(Path(args.run))  # the newest intact one (a damaged newest one is skipped)
+            if found is None:
+                return _fail(f"no checkpoint in {Path(args.run) / 'checkpoints'}: pass --run <folder> or --checkpoint")
+            path, state = found
+        where = {"output_dir": str(Path(args.run).parent), "name": Path(args.run).name} if args.run else {}
+        config = TrainConfig.from_dict({**state["config"], "progress_bar": False, "device": "cpu", **where})
+        agent = make_agent(config)
+    except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    if args.base and not config.use_lora:
+        # A full fine-tune changed the UNet itself: its base is the model as loaded, before the checkpoint.
+        print(f"--base: rendering {config.model} as loaded (the checkpoint's fine-tuned UNet is not applied)")
+    else:
+        agent.load_state_dict(state)
     prompts = args.prompts or agent.eval_prompts.prompts
     prompts = [prompts[i % len(prompts)] for i in range(args.num_samples)]
     noise = torch.randn(

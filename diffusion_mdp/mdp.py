@@ -61,6 +61,19 @@ def decode_latents(vae: Any, latents: Tensor) -> np.ndarray:
     return (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _checked_device(device: torch.device | str) -> torch.device:
+    """``torch.device(device)``, or a ValueError saying what to pass (a device whose backend is missing, too)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"device={device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:<index>' or 'mps'"
+        ) from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available in this environment: use device='cpu'")
+    return parsed
+
+
 class DenoisingMDP:
     """N denoising episodes advancing in lockstep.
 
@@ -90,12 +103,13 @@ class DenoisingMDP:
     ) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        if eta <= 0:
+        if not 0 < eta <= 1:
             raise ValueError(
-                f"eta must be > 0 for the policy to be stochastic (the MDP's actions need a density), got {eta}"
+                f"eta must be > 0 and <= 1, got {eta}: η > 0 makes the policy stochastic (the MDP's actions need a "
+                "density); η > 1 makes the DDIM variance exceed the noise level and the sample diverge to NaN"
             )
         self.num_envs = num_envs
-        self.device = torch.device(device)
+        self.device = _checked_device(device)
         self.components = components if components is not None else load_components(model, device=self.device)
         if prompts is None:
             prompts = self.components.default_prompts or "imagenet_animals"
@@ -242,7 +256,12 @@ class DenoisingMDP:
         if not (isinstance(result, tuple) and len(result) == 2):
             raise RewardError(f"{where} must return (rewards, info), got {type(result).__name__}")
         rewards, info = result
-        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        if info is None or not isinstance(info, Mapping):
+            raise RewardError(f"{where} must return (rewards, info) with info a dict (may be empty), got {info!r}")
+        try:
+            rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise RewardError(f"{where} returned rewards that are not numbers ({exc})") from exc
         if rewards.shape != (len(prompts),):
             raise RewardError(f"{where} returned {rewards.shape[0]} values for {len(prompts)} images")
         if not np.isfinite(rewards).all():

@@ -17,7 +17,9 @@ the model id and how to make it available.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -112,7 +114,51 @@ def resolve_model(model: str | os.PathLike[str] | None) -> tuple[str | Path, boo
                 "Save one with `StableDiffusionPipeline.save_pretrained(folder)` (SDXL: StableDiffusionXLPipeline)."
             )
         return path, True
-    return os.fspath(model), False
+    text = os.fspath(model)
+    _check_hub_id(text, path)
+    return text, False
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+
+
+def _check_hub_id(text: str, path: Path) -> None:
+    """Refuse at once what cannot be a hub id, or is a mistyped local folder, instead of trying the hub for it.
+
+    A hub id is ``name`` or ``org/name``. Anything else (more slashes, backslashes, spaces), a path whose first
+    folder exists here (``models/sd`` with ``models/`` present), or a name one letter away from the bundled
+    model's, is a folder that does not exist; the error says so, with the close names that do exist.
+    """
+    first = Path(text).parts[0] if Path(text).parts else text
+    local_parent = len(Path(text).parts) > 1 and Path(first).is_dir()
+    if _HUB_ID.fullmatch(text) and not local_parent and not text.endswith((".", "-")):
+        close = difflib.get_close_matches(text, [BUNDLED_MODEL], n=1, cutoff=0.85)
+        if not close or _in_hub_cache(text):
+            return
+        raise FileNotFoundError(
+            f"model {text!r} is neither a folder here nor the bundled model: did you mean {close[0]!r}? "
+            "(A hub id that is not cached would be tried online.)"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    hint = ""
+    if parent.is_dir():
+        names = [p.name for p in parent.iterdir() if p.is_dir()]
+        close = difflib.get_close_matches(path.name, names, n=3)
+        hint = f"; in {parent}/ there are {', '.join(close)}" if close else ""
+    raise FileNotFoundError(
+        f"model folder {path} does not exist{hint}. Give an existing diffusers pipeline folder, 'tiny-shapes', "
+        "or a hub id of the form org/name"
+    )
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub id has a cached model_index.json (a real hub model, not a typo)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    except Exception:  # an id the hub library rejects: not cached
+        return False
 
 
 def load_components(

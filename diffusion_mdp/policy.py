@@ -23,6 +23,7 @@ guidance uses all-zero embeddings, as diffusers does.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,10 +108,23 @@ class DiffusionPolicy(nn.Module):
         """Prompt embeddings, ``(B, L, D)`` (SDXL: packed ``(B, L + 1, D)``), cached per prompt (frozen encoders)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
+            self._warn_truncated(missing)
             embeds = self._encode_sdxl(missing) if self.is_sdxl else self._encode(missing)
             for prompt, embed in zip(missing, embeds, strict=True):
                 self._prompt_cache[prompt] = embed
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
+
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        """Warn (once per prompt: embeddings are cached) about prompts the tokenizer cuts to its length."""
+        limit = int(self.tokenizer.model_max_length)
+        lengths = self.tokenizer(list(prompts), truncation=False).input_ids
+        cut = [p for p, ids in zip(prompts, lengths, strict=True) if len(ids) > limit]
+        if cut:
+            warnings.warn(
+                f"{len(cut)} prompt(s) exceed the tokenizer's {limit} tokens (with start/end tokens) and are cut "
+                f"to them, so the model never sees their end: {cut[:3]}. Shorten them to keep every word.",
+                stacklevel=3,
+            )
 
     def _encode(self, prompts: list[str]) -> Tensor:
         tokens = self.tokenizer(
@@ -234,14 +248,23 @@ class DiffusionPolicy(nn.Module):
             ``(actions (B, C, h, w), log_probs (B,))``.
         """
         out = self(obs, generator=generator)
-        assert out.log_prob is not None  # η > 0 is enforced by the MDP
+        if out.log_prob is None:
+            raise ValueError(self._deterministic_message("sample"))
         return out.prev_sample, out.log_prob
 
     def log_prob(self, obs: Mapping[str, Any], actions: Tensor | np.ndarray) -> Tensor:
         """log π(actions | obs), ``(B,)``, differentiable with respect to the UNet's parameters."""
         out = self(obs, actions)
-        assert out.log_prob is not None
+        if out.log_prob is None:
+            raise ValueError(self._deterministic_message("log_prob"))
         return out.log_prob
+
+    def _deterministic_message(self, method: str) -> str:
+        return (
+            f"policy.{method} needs a stochastic schedule, but this policy's has eta={self.schedule.eta}: an η = 0 "
+            "step is deterministic and has no log-probability. Build the schedule with eta > 0 (the MDP's), or "
+            "sample η = 0 images with diffusion_mdp.agents.base.sample_deterministic"
+        )
 
     def unpack(self, obs: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """Observations (batched, or a single env's unbatched one) -> ``(latents, timesteps, prompt_embeds)``."""

@@ -50,9 +50,14 @@ class PromptSet:
             object.__setattr__(self, "metadata", [{} for _ in self.prompts])
         if len(self.metadata) != len(self.prompts):
             raise ValueError(f"{len(self.prompts)} prompts but {len(self.metadata)} metadata dicts")
-        for prompt in self.prompts:
+        for index, prompt in enumerate(self.prompts):
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r}")
+            if not prompt.strip():
+                raise ValueError(
+                    f"prompt {index} of prompt set {self.name!r} is empty: remove it (the empty prompt is "
+                    "classifier-free guidance's unconditional branch, not a prompt to train on)"
+                )
             bad = sorted(set(prompt) - set(PROMPT_CHARSET))
             if bad:
                 raise ValueError(f"prompt {prompt!r} has characters outside printable ASCII: {bad}")
@@ -113,8 +118,20 @@ def load_prompts(spec: str | os.PathLike[str] | Sequence[str] | PromptSet) -> Pr
         if path.suffix == ".txt" or path.exists():
             if not path.is_file():
                 raise FileNotFoundError(f"prompt file {path} does not exist")
-            lines = [line.strip() for line in path.read_text().splitlines()]
-            return PromptSet([ln for ln in lines if ln and not ln.startswith("#")], name=path.stem)
+            try:
+                lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"prompt file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8 "
+                    "with one printable-ASCII prompt per line"
+                ) from None
+            kept = [ln for ln in lines if ln and not ln.startswith("#")]
+            if not kept:
+                raise ValueError(f"prompt file {path} has no prompts (only blank or '#' lines): add one per line")
+            try:
+                return PromptSet(kept, name=path.stem)
+            except ValueError as exc:
+                raise ValueError(f"prompt file {path}: {exc}") from None
         raise ValueError(
             f"unknown prompt set {text!r}; available prompt sets: {', '.join(available_prompt_sets())}. "
             "Pass one of these names, a list of prompts, or the path of a .txt file with one prompt per line."

@@ -123,7 +123,17 @@ class DenoisingVectorEnv(VectorEnv):
         ``options={"prompt_ids": [...]}`` fixes each sub-env's prompt index (the noise is drawn as usual).
         """
         if seed is not None:
+            if isinstance(seed, np.integer):  # np.int64 from NumPy code: the same as the int
+                seed = int(seed)
+            if isinstance(seed, bool | str | bytes | float) or not isinstance(seed, int | Sequence | np.ndarray):
+                raise TypeError(
+                    f"seed must be an int or a sequence of {self.num_envs} ints/None (one per sub-env), got {seed!r}"
+                )
             seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
+            for s in seeds:
+                if s is not None and (isinstance(s, bool) or not isinstance(s, int | np.integer) or s < 0):
+                    raise ValueError(f"every seed must be a non-negative int or None, got {s!r} in {seed!r}")
+            seeds = [None if s is None else int(s) for s in seeds]
             if len(seeds) != self.num_envs:
                 raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
             self._rngs = [
