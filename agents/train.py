@@ -166,30 +166,33 @@ def check_prompts_unchanged(state: dict[str, Any], path: Path) -> None:
 def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> None:
     """Make sure a fresh run may write into ``run_dir`` (and, with ``overwrite``, delete the old run's files).
 
+    A folder whose earlier run trained at least one epoch (a checkpoint, metrics, exports, kept samples) is
+    refused unless ``overwrite``; files that are not a run's are never deleted, and refused where the run would
+    overwrite one of its own names beside them (a ``config.json`` there may be someone else's).
+
     Raises:
-        ConfigError: The folder holds files that are not a run's (never deleted), or a previous run (with or
-            without a checkpoint) and ``overwrite`` is not set.
+        ConfigError: The folder holds a previous run and ``overwrite`` is not set, or files the run would
+            overwrite that are not a run's.
     """
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file, not a run folder: choose another --name or --output-dir")
     entries = sorted(p.name for p in run_dir.iterdir())
-    if not entries:
-        return
     foreign = [name for name in entries if name not in RUN_ARTEFACTS]
-    if foreign:
-        raise ConfigError(
-            f"{run_dir} is not empty and is not a run folder (it holds {', '.join(foreign[:5])}"
-            f"{', ...' if len(foreign) > 5 else ''}): a run there would overwrite files. Choose another --name "
-            "or --output-dir (--overwrite never deletes files a run did not write)"
-        )
+    ours = [name for name in entries if name in RUN_ARTEFACTS]
     checkpoints = checkpoint_candidates(run_dir)
     metrics = run_dir / "metrics.jsonl"
     epochs = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
     kept = [name for name in ("failed_rewards", "lora", "unet", "summary.json") if name in entries]
-    if not checkpoints and not epochs and not kept:
-        return  # a run that stopped before training anything: nothing to lose
+    if not checkpoints and not epochs and not kept:  # no earlier run that trained anything: nothing to lose
+        if foreign and ours:
+            raise ConfigError(
+                f"{run_dir} is not a run folder (it holds {', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}) but has {', '.join(ours)}, which a run would overwrite. "
+                "Choose another --name or --output-dir (--overwrite never deletes files a run did not write)"
+            )
+        return
     if not overwrite:
         if checkpoints:
             raise ConfigError(
@@ -203,13 +206,13 @@ def prepare_run_dir(run_dir: Path, overwrite: bool = False) -> None:
             "there would mix two runs' logs and overwrite its images. Pass --overwrite to delete it and start "
             "over, or choose another --name / --output-dir"
         )
-    for name in entries:
+    for name in ours:  # only what a run writes: other files in the folder stay
         target = run_dir / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         else:
             target.unlink()
-    print(f"--overwrite: deleted the previous run's files in {run_dir}")
+    print(f"--overwrite: deleted the previous run's files in {run_dir}: {', '.join(ours)}")
 
 
 def train(
