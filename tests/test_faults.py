@@ -786,3 +786,15 @@ def test_config_json_of_a_run_holds_no_token(micro: Path, prompt_file: Path, tmp
     run = tmp_path / "t"
     assert json.loads((run / "config.json").read_text())["reward_token"] == ""
     assert load_checkpoint_file(run / "checkpoints" / "last.pt")["config"]["reward_token"] == ""
+
+
+def test_agent_passes_the_remote_reward_settings(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
+    from diffusion_mdp.agents import make_agent
+
+    cfg = tiny_config(
+        micro, prompt_file, tmp_path, reward="http://127.0.0.1:1", reward_timeout=5.0, reward_retries=0,
+        reward_token="k",
+    )
+    client = make_agent(cfg).mdp.reward_fn  # nothing is contacted until a batch is scored
+    assert isinstance(client, RemoteReward)
+    assert (client.timeout, client.retries, client.token) == (5.0, 0, "k")

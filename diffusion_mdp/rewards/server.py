@@ -136,11 +136,16 @@ def make_handler(
 
         def _reply(self, code: int, payload: dict[str, Any]) -> None:
             body = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): nobody to answer
+                self.close_connection = True
+                if getattr(self.server, "verbose", False):
+                    self.log_message("client %s left before the answer (HTTP %d)", self.client_address[0], code)
 
         def do_GET(self) -> None:
             if not self._authorized():
