@@ -15,8 +15,8 @@ dot product, no logit scale (scores lie around 0.2-0.35).
   against an open_clip-layout reference written from open_clip's modules.
 - Tokenizer: open_clip's ``SimpleTokenizer`` is OpenAI CLIP's BPE, 77 tokens; the ``CLIPTokenizer`` of
   ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` holds the same vocabulary and truncates the same way (start token,
-  75 tokens, end token). The text is passed without an attention mask, as open_clip does: behind the causal
-  mask the padding after the end token cannot reach it.
+  75 tokens, end token); :meth:`HPSv2Score.tokenize` zero-pads as open_clip. The text is passed without an
+  attention mask, as open_clip does: behind the causal mask the padding after the end token cannot reach it.
 - Preprocessing: the package's evaluation transform — ``ToTensor`` (×1/255), then torchvision's tensor
   ``Resize(224, BICUBIC)`` (``F.interpolate(mode="bicubic", antialias=True)``, torchvision ≥ 0.17's
   default), ``CenterCrop(224)``, CLIP mean/std — done batched here (:func:`hps_preprocess`).
@@ -230,7 +230,8 @@ class HPSv2Score:
     Args:
         checkpoint: Path of ``HPS_v2.1_compressed.pt``, a loaded ``CLIPModel`` (tests pass tiny random ones),
             or None (the local Hugging Face cache, then the hub).
-        tokenizer: Hub id, folder or ``CLIPTokenizer`` (OpenAI CLIP's BPE, 77 tokens).
+        tokenizer: Hub id, folder or ``CLIPTokenizer`` (OpenAI CLIP's BPE, 77 tokens). One passed as an object
+            is used as given: "!" must not be among its special tokens (open_clip keeps "!!" one token).
         device, dtype: Where and in which precision the model runs.
         batch_size: Images per forward.
     """
@@ -247,7 +248,10 @@ class HPSv2Score:
 
         self.device = torch.device(device) if device is not None else default_device()
         if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = _from_pretrained(CLIPTokenizer, tokenizer, "HPS tokenizer", "vocab.json and merges.txt")
+            # laion's tokenizer declares "!" (id 0) its pad token, which would make "!" a special token that splits
+            # "!!" apart; open_clip pads with id 0 without such a token, so pad (unused: see tokenize) with the end.
+            files = "vocab.json and merges.txt"
+            tokenizer = _from_pretrained(CLIPTokenizer, tokenizer, "HPS tokenizer", files, pad_token="<|endoftext|>")
         self.tokenizer = tokenizer
         if isinstance(checkpoint, nn.Module):
             self.model = checkpoint.to(self.device, dtype).requires_grad_(False).eval()
@@ -257,6 +261,14 @@ class HPSv2Score:
         self.image_size = int(config.vision_config.image_size)
         self.context_length = int(config.text_config.max_position_embeddings)
         self.dtype, self.batch_size = dtype, batch_size
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        """open_clip's token tensor: ``(B, context_length)`` int64, start + ≤ 75 tokens + end, zero-padded."""
+        rows = self.tokenizer(list(prompts), truncation=True, max_length=self.context_length)["input_ids"]
+        ids = torch.zeros(len(rows), self.context_length, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        return ids
 
     @torch.no_grad()
     def __call__(
@@ -268,14 +280,8 @@ class HPSv2Score:
         for start in range(0, len(images), self.batch_size):
             pixels = hps_preprocess(images[start : start + self.batch_size], self.image_size, self.device)
             image = nn.functional.normalize(image_embeddings(self.model, pixels.to(self.dtype)).float(), dim=-1)
-            tokens = self.tokenizer(
-                list(prompts[start : start + self.batch_size]),
-                padding="max_length",
-                truncation=True,
-                max_length=self.context_length,
-                return_tensors="pt",
-            )
-            text = text_embeddings(self.model, tokens["input_ids"].to(self.device)).float()  # no mask: open_clip's
+            ids = self.tokenize(prompts[start : start + self.batch_size]).to(self.device)
+            text = text_embeddings(self.model, ids).float()  # no attention mask, as open_clip
             scores.append((image * nn.functional.normalize(text, dim=-1)).sum(-1))
         return torch.cat(scores).double().cpu().numpy(), {}
 
