@@ -455,6 +455,8 @@ def test_full_size_architectures_match_the_published_models():
         hps = CLIPModel(vit_h_14_config())
         imagereward = ImageRewardModel(*blip_configs(med))
     assert round(sum(p.numel() for p in hps.parameters()) / 1e6, 2) == 986.11
+    # exact GELU, as open_clip's ViT-H-14 (CLIPConfig's default, quick_gelu, moves features by ~3e-3)
+    assert hps.config.vision_config.hidden_act == hps.config.text_config.hidden_act == "gelu"
     vit = sum(p.numel() for p in imagereward.vision.parameters())
     assert vit == 304_326_632 - (1024 * 1000 + 1000)
     assert imagereward.vision.config.layer_norm_eps == 1e-6 and imagereward.text.config.encoder_hidden_size == 1024
