@@ -460,3 +460,39 @@ def test_full_size_architectures_match_the_published_models():
     vit = sum(p.numel() for p in imagereward.vision.parameters())
     assert vit == 304_326_632 - (1024 * 1000 + 1000)
     assert imagereward.vision.config.layer_norm_eps == 1e-6 and imagereward.text.config.encoder_hidden_size == 1024
+
+
+def fake_hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """The Hugging Face cache layout (models--org--name/refs/main, snapshots/<commit>/<file>) holding ``files``."""
+    commit = "0" * 40
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        (snapshot / name).write_bytes(source.read_bytes())
+
+
+def test_weights_load_from_the_local_hub_cache(tmp_path, monkeypatch, hps_checkpoint, imagereward_files):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    hps_path, reference, tokenizer = hps_checkpoint
+    root, vision_config, ir_tokenizer, parts = imagereward_files
+    fake_hub_cache(cache, "xswu/HPSv2", {"HPS_v2.1_compressed.pt": hps_path})
+    fake_hub_cache(
+        cache,
+        "THUDM/ImageReward",
+        {"ImageReward.pt": root / "ImageReward.pt", "med_config.json": root / "med_config.json"},
+    )
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    hps = load_hps_model(config=tiny_clip_config(tokenizer), device="cpu")  # no path: from the cache
+    with torch.no_grad():
+        torch.testing.assert_close(image_embeddings(hps, pixels), reference.encode_image(pixels), atol=1e-5, rtol=1e-5)
+    model = load_imagereward_model(device="cpu", vision_config=vision_config)
+    tokens = ir_tokenizer(PROMPTS[:2], padding="max_length", max_length=35, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model(pixels, tokens["input_ids"], tokens["attention_mask"]).double().numpy()
+    np.testing.assert_allclose(ours, reference_imagereward(parts, pixels, tokens), rtol=1e-5, atol=1e-5)
