@@ -29,7 +29,6 @@ from diffusion_mdp.rewards.alignment import (
     CaptionSimilarity,
     CLIPScore,
     VLMCaptioner,
-    bertscore_from_embeddings,
 )
 from diffusion_mdp.rewards.executor import AsyncReward
 from diffusion_mdp.rewards.server import RemoteReward, RemoteRewardError, serve
@@ -89,7 +88,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory):
 
     vocab = tmp_path_factory.mktemp("bert") / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizer(str(vocab))
+    tokenizer = BertTokenizer(str(vocab), model_max_length=64)
     config = BertConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
     )
@@ -163,43 +162,49 @@ def test_aesthetic_registered_and_missing_weights_errors(tiny_clip, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # BERTScore and captioners
 # ------------------------------------------------------------------------------------------------
-def test_bertscore_analytic_values():
-    # Reference: tokens e0, e1, e2. Candidate: e0 and (e1 + e2)/√2, plus a padded slot that must not count.
-    e = torch.eye(3)
-    ref = e[None]
-    cand = torch.stack([e[0], (e[1] + e[2]) / 2**0.5, torch.tensor([5.0, 5.0, 5.0])])[None]
-    cand_mask = torch.tensor([[True, True, False]])
-    s = bertscore_from_embeddings(cand, ref, cand_mask)
-    r = 1 / 2**0.5
-    # precision: (1 + r)/2; recall: (1 + r + r)/3; f1 = 2PR/(P+R)
-    p_exp, r_exp = (1 + r) / 2, (1 + 2 * r) / 3
-    torch.testing.assert_close(s["precision"], torch.tensor([p_exp]))
-    torch.testing.assert_close(s["recall"], torch.tensor([r_exp]))
-    torch.testing.assert_close(s["f1"], torch.tensor([2 * p_exp * r_exp / (p_exp + r_exp)]))
-    # Scale invariance (cosines) and identical sequences score 1.
-    s2 = bertscore_from_embeddings(3 * ref, ref)
-    assert torch.allclose(s2["f1"], torch.ones(1))
+BERT_CANDS = ["a cat riding a bike", "the dog", "a horse", "two red chess", "the image"]
+BERT_REFS = ["a cat is riding", "the dog", "two red chess", "a blue horse playing", "what is happening in this image"]
 
 
-def test_bertscorer_matches_manual_computation(tiny_bert):
+@pytest.mark.parametrize("layer", [1, 2])
+@pytest.mark.parametrize("idf", [False, True])
+def test_bertscorer_equals_bert_score_package(tiny_bert, tmp_path, layer, idf):
+    import bert_score
+
     model, tokenizer = tiny_bert
-    scorer = BERTScorer(model, tokenizer, layer=1, device="cpu", batch_size=2)
-    cands, refs = ["a cat riding a bike", "the dog", "a horse"], ["a cat is riding", "the dog", "two red chess"]
-    scores = scorer.score(cands, refs)
-    assert all(v.shape == (3,) for v in scores.values())
-    torch.testing.assert_close(scores["f1"][1], torch.tensor(1.0))  # identical sentences
-    # Manual: layer-1 hidden states without [CLS]/[SEP], greedy max cosine.
-    for i in range(3):
-        hidden = []
-        for text in (cands[i], refs[i]):
-            ids = tokenizer(text, return_tensors="pt")
-            h = model(**ids, output_hidden_states=True).hidden_states[1][0, 1:-1]
-            hidden.append(torch.nn.functional.normalize(h, dim=-1))
-        sim = hidden[0] @ hidden[1].T
-        torch.testing.assert_close(scores["recall"][i], sim.max(0).values.mean(), atol=1e-5, rtol=0)
-        torch.testing.assert_close(scores["precision"][i], sim.max(1).values.mean(), atol=1e-5, rtol=0)
+    folder = tmp_path / "bert"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # The package loads the encoder from the folder and keeps its first `layer` layers; ours reads hidden_states.
+    expected = bert_score.score(
+        BERT_CANDS, BERT_REFS, model_type=str(folder), num_layers=layer, idf=idf, device="cpu", nthreads=0
+    )
+    corpus = BERT_REFS if idf else None
+    scorer = BERTScorer(model, tokenizer, layer=layer, device="cpu", batch_size=2, idf_corpus=corpus)
+    ours = scorer.score(BERT_CANDS, BERT_REFS)
+    for key, value in zip(("precision", "recall", "f1"), expected, strict=True):
+        assert ours[key].shape == (5,)
+        torch.testing.assert_close(ours[key], value, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours["f1"][1], torch.tensor(1.0))  # identical sentences
+    # The same from a folder, and the caller's encoder is left whole (bert_score would truncate its layers).
+    from_folder = BERTScorer(str(folder), layer=layer, device="cpu", idf_corpus=corpus)
+    torch.testing.assert_close(from_folder.score(BERT_CANDS, BERT_REFS)["recall"], ours["recall"], atol=1e-6, rtol=0)
+    assert len(model.encoder.layer) == 2
     with pytest.raises(ValueError, match=r"hidden states 0\.\.2"):
         BERTScorer(model, tokenizer, layer=3, device="cpu")
+
+
+def test_bertscore_idf_weights(tiny_bert):
+    # idf from a corpus, as bert_score's get_idf_dict: log((M + 1) / (df + 1)); unseen tokens log(M + 1).
+    model, tokenizer = tiny_bert
+    plain = BERTScorer(model, tokenizer, layer=2, device="cpu")
+    assert plain.idf is None
+    scorer = BERTScorer(model, tokenizer, layer=2, device="cpu", idf_corpus=["a cat", "a dog", "a horse"])
+    a_id, cat_id, bike_id = tokenizer.convert_tokens_to_ids(["a", "cat", "bike"])
+    assert scorer.idf[a_id] == pytest.approx(np.log(4 / 4)) and scorer.idf[cat_id] == pytest.approx(np.log(4 / 2))
+    assert scorer.idf[bike_id] == pytest.approx(np.log(4))
+    torch.testing.assert_close(scorer.score(["a cat"], ["a cat"])["recall"], torch.tensor([1.0]))
+    assert plain.score(["a dog"], ["a cat"])["recall"] != scorer.score(["a dog"], ["a cat"])["recall"]
 
 
 class FixedCaptioner:
@@ -465,28 +470,3 @@ def test_agent_async_reward_failure_names_the_batch(reward_server, reference_pip
     agent.mdp.reward_fn.retries = 0  # RemoteReward: fail at once
     with pytest.raises(RewardError, match=r"sample batch 1/1.*VLM crashed.*checkpoint \(none written yet\)"):
         agent.collect_rollouts(0)
-
-
-def test_bertscore_idf_weights(tiny_bert):
-    # Analytic: weights 3 and 1 on the two reference tokens; the candidate matches only the first exactly.
-    e = torch.eye(2)[None]
-    s = bertscore_from_embeddings(e[:, :1], e, ref_weights=torch.tensor([[3.0, 1.0]]))
-    torch.testing.assert_close(s["recall"], torch.tensor([0.75]))  # (3·1 + 1·0) / 4
-    # BERTScorer: idf from a corpus, as bert_score: log((M + 1) / (df + 1)); off by default.
-    model, tokenizer = tiny_bert
-    plain = BERTScorer(model, tokenizer, layer=2, device="cpu")
-    assert plain.idf is None
-    corpus = ["a cat", "a dog", "a horse"]
-    scorer = BERTScorer(model, tokenizer, layer=2, device="cpu", idf_corpus=corpus)
-    a_id = tokenizer.convert_tokens_to_ids("a")
-    cat_id = tokenizer.convert_tokens_to_ids("cat")
-    assert scorer.idf[a_id] == pytest.approx(np.log(4 / 4)) and scorer.idf[cat_id] == pytest.approx(np.log(4 / 2))
-    identical = scorer.score(["a cat"], ["a cat"])
-    torch.testing.assert_close(identical["recall"], torch.tensor([1.0]))
-    # The weighted recall is the idf-weighted mean of each reference token's best cosine ("a" weighs 0).
-    cand = torch.nn.functional.normalize(plain.embed(["a dog"])[0][0, 1:-1], dim=-1)  # without [CLS]/[SEP]
-    ref = torch.nn.functional.normalize(plain.embed(["a cat"])[0][0, 1:-1], dim=-1)
-    best = (cand @ ref.T).max(0).values  # per reference token: a, cat
-    weights = torch.tensor([scorer.idf[a_id], scorer.idf[cat_id]])
-    expected = (best * weights).sum() / weights.sum()
-    torch.testing.assert_close(scorer.score(["a dog"], ["a cat"])["recall"][0], expected, atol=1e-5, rtol=0)

@@ -124,7 +124,7 @@ class WeightedSum:
 
 def _import_builtin_rewards() -> None:
     """Import the modules whose ``@register_reward`` decorators fill the registry."""
-    from diffusion_mdp.rewards import aesthetic, alignment, jpeg  # noqa: F401
+    from diffusion_mdp.rewards import aesthetic, alignment, hps, imagereward, jpeg, pickscore  # noqa: F401
 
     if importlib.util.find_spec("diffusion_mdp.rewards.shapes") is not None:  # tiny-shapes captioner rewards
         importlib.import_module("diffusion_mdp.rewards.shapes")

@@ -112,6 +112,7 @@ def clip_preprocess(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     device: torch.device | str | None = None,
+    round_crop: bool = False,
 ) -> Tensor:
     """CLIPImageProcessor's preprocessing, batched in torch.
 
@@ -121,6 +122,8 @@ def clip_preprocess(
         crop_size: Side of the center crop (``size`` by default).
         mean, std: Per-channel normalisation.
         device: Where to compute (the images' device by default).
+        round_crop: Place the crop as torchvision's ``CenterCrop`` (offset ``round(excess / 2)``) instead of
+            CLIPImageProcessor's ``excess // 2``; they differ only for an odd excess.
 
     Returns:
         ``float32`` ``(B, 3, crop_size, crop_size)`` pixel values, equal to
@@ -139,7 +142,10 @@ def clip_preprocess(
         x = _resample_pil(x, pil_bicubic_matrix(width, new_w).to(x.device), dim=-1)
     if new_h != height:
         x = _resample_pil(x, pil_bicubic_matrix(height, new_h).to(x.device), dim=-2)
-    top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
+    if round_crop:  # Python's round (half to even), as torchvision.transforms.functional.center_crop
+        top, left = round((new_h - crop_size) / 2.0), round((new_w - crop_size) / 2.0)
+    else:
+        top, left = (new_h - crop_size) // 2, (new_w - crop_size) // 2
     if top < 0 or left < 0:
         raise ValueError(f"crop {crop_size} larger than the resized image {new_h}×{new_w}")
     x = x[:, :, top : top + crop_size, left : left + crop_size].to(torch.float32) * (1 / 255)
@@ -195,6 +201,44 @@ def load_clip(
                 "or save the model to a folder and pass clip_model=<folder>."
             ) from error
     return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+def hub_file(
+    repo_id: str,
+    filename: str,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    purpose: str,
+) -> Path:
+    """One weights file: ``path`` if given, else from the local Hugging Face cache, else from the hub.
+
+    Raises:
+        RewardWeightsNotFoundError: ``path`` does not exist, or the file is neither cached nor downloadable; the
+            message names the repository, the file and the command that fetches it.
+    """
+    fetch = (
+        f"On a machine with access run `huggingface-cli download {repo_id} {filename}` and copy "
+        f"~/.cache/huggingface, or pass the file's path."
+    )
+    if path is not None:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise RewardWeightsNotFoundError(
+                f"{file} (for {purpose}) does not exist: it should be {filename} from {repo_id}. {fetch}"
+            )
+        return file
+    from huggingface_hub import hf_hub_download
+
+    error: Exception | None = None
+    for local_only in (True, False):  # cache first, then the hub
+        try:
+            return Path(hf_hub_download(repo_id, filename, local_files_only=local_only))
+        except Exception as exc:  # offline, unknown repository, missing file (hub errors vary): all "not here"
+            error = exc
+    raise RewardWeightsNotFoundError(
+        f"{filename} of {repo_id!r} (for {purpose}) is not in the local Hugging Face cache and could not be "
+        f"downloaded ({type(error).__name__}). {fetch}"
+    ) from error
 
 
 def image_embeddings(model: nn.Module, pixel_values: Tensor) -> Tensor:
@@ -333,6 +377,7 @@ __all__ = [
     "AestheticScorer",
     "RewardWeightsNotFoundError",
     "clip_preprocess",
+    "hub_file",
     "load_aesthetic_head",
     "load_clip",
     "pil_bicubic_matrix",

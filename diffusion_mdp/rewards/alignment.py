@@ -7,11 +7,11 @@ more than the prompt is not penalised). The pieces here are separable:
 - :class:`Captioner`: anything with ``caption(images uint8 (B, H, W, 3)) -> list[str]``. :class:`VLMCaptioner`
   wraps any transformers image-text-to-text model (LLaVA by default); the bundled tiny-shapes captioner
   (``diffusion_mdp.shapes.captioner.Captioner``) already has the method, so it plugs in unchanged.
-- :class:`BERTScorer`: BERTScore (Zhang et al., 2020) implemented on a transformers encoder: contextual token
-  embeddings from one hidden layer, L2-normalised, greedy cosine matching, no idf weighting by default
-  (``BERTScorer(idf_corpus=...)`` turns it on), no baseline rescaling, special tokens (<s>, </s>, [CLS],
-  [SEP], padding) excluded. Default: ``roberta-large``, layer 17, the ``bert_score`` package's default for
-  English (and so the paper's).
+- :class:`BERTScorer`: BERTScore (Zhang et al., 2020) computed by the ``bert_score`` package (an own
+  implementation that kept [CLS]/[SEP] out of the matching scored up to 0.095 apart from it on the same tiny
+  encoder, so the package's is used): contextual token embeddings from one hidden layer, greedy cosine
+  matching, no idf weighting by default (``BERTScorer(idf_corpus=...)`` turns it on), no baseline rescaling.
+  Default: ``roberta-large``, layer 17, the package's default for English (and so the paper's).
 - Rewards: ``caption_similarity`` (any captioner + BERTScore; the tiny-shapes captioner by default, so it
   runs offline), ``vlm_prompt_alignment`` (LLaVA + BERTScore recall: the paper's reward), and
   ``clip_score`` (cosine of CLIP's image and text embeddings, ×100 like torchmetrics' CLIPScore by default,
@@ -23,6 +23,7 @@ The name ``prompt_alignment`` stays the tiny-shapes attribute reward (``rewards/
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -78,55 +79,41 @@ def _from_pretrained(cls: Any, name: str | os.PathLike[str], what: str, files: s
 
 
 # ------------------------------------------------------------------------------------------------
-# BERTScore
+# BERTScore (the bert_score package)
 # ------------------------------------------------------------------------------------------------
-def bertscore_from_embeddings(
-    cand: Tensor,
-    ref: Tensor,
-    cand_mask: Tensor | None = None,
-    ref_mask: Tensor | None = None,
-    cand_weights: Tensor | None = None,
-    ref_weights: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """BERTScore of candidate vs reference token embeddings (greedy cosine matching).
+class _HiddenLayer(nn.Module):
+    """An encoder seen through one hidden state: ``forward(...)[0]`` is ``hidden_states[layer]`` ``(B, L, D)``.
 
-    Args:
-        cand: ``(B, Lc, D)`` candidate token embeddings (need not be normalised).
-        ref: ``(B, Lr, D)`` reference token embeddings.
-        cand_mask: ``(B, Lc)`` bool, which candidate tokens count (all by default).
-        ref_mask: ``(B, Lr)`` bool, which reference tokens count.
-        cand_weights, ref_weights: Optional ``(B, Lc)`` / ``(B, Lr)`` token weights (idf); uniform by default.
-
-    Returns:
-        ``{"precision", "recall", "f1"}``, each ``(B,)``: P = (weighted) mean over candidate tokens of the
-        best cosine with a reference token, R = (weighted) mean over reference tokens of the best cosine with
-        a candidate token, F = 2PR / (P + R).
-
-    >>> e = torch.eye(3)[None]  # three orthogonal tokens
-    >>> s = bertscore_from_embeddings(e[:, :1], e)  # the candidate is the first reference token only
-    >>> [round(float(s[k][0]), 4) for k in ("precision", "recall", "f1")]
-    [1.0, 0.3333, 0.5]
+    ``bert_score`` truncates the encoder's layer list in place to pick a layer; wrapping leaves a module the
+    caller passed untouched, and ``hidden_states[layer]`` is the output of the first ``layer`` layers.
     """
-    cand_mask = torch.ones(cand.shape[:2], dtype=torch.bool, device=cand.device) if cand_mask is None else cand_mask
-    ref_mask = torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device) if ref_mask is None else ref_mask
-    cand = nn.functional.normalize(cand.float(), dim=-1)
-    ref = nn.functional.normalize(ref.float(), dim=-1)
-    sim = torch.bmm(cand, ref.transpose(1, 2))  # (B, Lc, Lr) cosines
-    pair_mask = cand_mask[:, :, None] & ref_mask[:, None, :]
-    sim = sim.masked_fill(~pair_mask, float("-inf"))
-    best_for_cand = sim.max(dim=2).values.masked_fill(~cand_mask, 0.0)  # (B, Lc)
-    best_for_ref = sim.max(dim=1).values.masked_fill(~ref_mask, 0.0)  # (B, Lr)
-    cand_w = cand_mask.float() if cand_weights is None else cand_weights.float() * cand_mask
-    ref_w = ref_mask.float() if ref_weights is None else ref_weights.float() * ref_mask
-    precision = (best_for_cand * cand_w).sum(1) / cand_w.sum(1).clamp(min=1e-12)
-    recall = (best_for_ref * ref_w).sum(1) / ref_w.sum(1).clamp(min=1e-12)
-    f1 = 2 * precision * recall / (precision + recall)
-    f1 = torch.where(precision + recall > 0, f1, torch.zeros_like(f1))
-    return {"precision": precision, "recall": recall, "f1": f1}
+
+    def __init__(self, model: nn.Module, layer: int) -> None:
+        super().__init__()
+        self.model, self.layer = model, layer
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: Any) -> tuple[Tensor]:
+        out = self.model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return (out.hidden_states[self.layer],)
+
+
+def _bert_score_utils() -> Any:
+    try:
+        from bert_score import utils
+    except ImportError as exc:
+        raise ImportError(
+            'BERTScore needs the bert-score package: pip install "diffusion-mdp[rewards]" (or pip install bert-score)'
+        ) from exc
+    return utils
 
 
 class BERTScorer:
-    """BERTScore with a transformers encoder.
+    """BERTScore (Zhang et al., 2020) computed by the ``bert_score`` package, on any transformers encoder.
+
+    ``score(candidates, references)`` equals ``bert_score.score(candidates, references, model_type=<model>,
+    num_layers=layer)`` (``tests/test_real_scale_rewards.py`` checks it): layer ``layer``'s token embeddings,
+    L2-normalised, greedy cosine matching in which [CLS]/[SEP] (<s>/</s>) take part but weigh 0 in the means,
+    no baseline rescaling. This class only lets an already loaded encoder in and reuses it across calls.
 
     Args:
         model: Hub id or folder of an encoder (``AutoModel``), or an already loaded module.
@@ -134,9 +121,9 @@ class BERTScorer:
         layer: Which hidden state to use (0 = embeddings; 17 of 24 for roberta-large, BERTScore's default).
         device: Where the encoder runs.
         batch_size: Sentences per forward.
-        idf_corpus: Sentences to compute idf weights from (e.g. the prompt set), as ``bert_score``'s
-            ``idf=True`` does: idf(w) = log((M + 1) / (df(w) + 1)) over M sentences. None (default): uniform
-            weights, i.e. idf off, as in the paper's reward.
+        idf_corpus: Sentences to compute idf weights from (e.g. the prompt set), with ``bert_score``'s
+            ``get_idf_dict``: idf(w) = log((M + 1) / (df(w) + 1)) over M sentences. None (default): uniform
+            weights (``idf=False``), as in the paper's reward.
     """
 
     def __init__(
@@ -150,6 +137,7 @@ class BERTScorer:
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
+        self._utils = _bert_score_utils()
         self.device = torch.device(device) if device is not None else default_device()
         if isinstance(model, nn.Module):
             if tokenizer is None:
@@ -165,56 +153,43 @@ class BERTScorer:
         if not 0 <= layer <= num_layers:
             raise ValueError(f"layer={layer} but the encoder has hidden states 0..{num_layers}")
         self.layer = layer
+        self.encoder = _HiddenLayer(self.model, layer)
         self.batch_size = batch_size
         self.idf: dict[int, float] | None = None
         if idf_corpus is not None:
             self.set_idf(idf_corpus)
 
     def set_idf(self, corpus: Sequence[str]) -> None:
-        """idf weights of token ids from ``corpus`` (unseen tokens get log(M + 1))."""
-        import math
-        from collections import Counter
+        """idf weights of token ids from ``corpus`` (``bert_score.utils.get_idf_dict``; unseen: log(M + 1))."""
+        self.idf = self._utils.get_idf_dict(list(corpus), self.tokenizer, nthreads=0)
 
-        counts: Counter[int] = Counter()
-        for ids in self.tokenizer(list(corpus), add_special_tokens=False)["input_ids"]:
-            counts.update(set(ids))
-        total = len(corpus)
-        self.idf_default = math.log(total + 1)
-        self.idf = {token: math.log((total + 1) / (count + 1)) for token, count in counts.items()}
-
-    def _weights(self, input_ids: Tensor) -> Tensor | None:
-        if self.idf is None:
-            return None
-        ids = input_ids.tolist()
-        return torch.tensor([[self.idf.get(i, self.idf_default) for i in row] for row in ids], device=self.device)
+    def _idf_dict(self) -> dict[int, float]:
+        if self.idf is not None:
+            return self.idf
+        # bert_score.score(idf=False): every token weighs 1 except [CLS] and [SEP]
+        idf: dict[int, float] = defaultdict(lambda: 1.0)
+        idf[self.tokenizer.sep_token_id] = 0.0
+        idf[self.tokenizer.cls_token_id] = 0.0
+        return idf
 
     @torch.no_grad()
-    def embed(self, sentences: Sequence[str]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Layer ``layer``'s token embeddings ``(B, L, D)``, a ``(B, L)`` mask of non-special tokens, idf weights."""
-        tokens = self.tokenizer(
-            list(sentences),
-            padding=True,
-            truncation=True,
-            return_tensors="pt",
-            return_special_tokens_mask=True,
-        )
-        special = tokens.pop("special_tokens_mask").bool()
-        mask = tokens["attention_mask"].bool() & ~special
-        tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
-        hidden = self.model(**tokens, output_hidden_states=True).hidden_states[self.layer]
-        return hidden.float(), mask.to(self.device), self._weights(tokens["input_ids"])
-
     def score(self, candidates: Sequence[str], references: Sequence[str]) -> dict[str, Tensor]:
-        """P, R, F1 ``(B,)`` of each candidate against its reference (``bert_score.score(cands, refs)``)."""
+        """P, R, F1 ``(B,)`` float32 of each candidate against its reference (``bert_score.score(cands, refs)``)."""
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
-        parts: dict[str, list[Tensor]] = {"precision": [], "recall": [], "f1": []}
-        for start in range(0, len(candidates), self.batch_size):
-            cand, cand_mask, cand_w = self.embed(candidates[start : start + self.batch_size])
-            ref, ref_mask, ref_w = self.embed(references[start : start + self.batch_size])
-            for key, value in bertscore_from_embeddings(cand, ref, cand_mask, ref_mask, cand_w, ref_w).items():
-                parts[key].append(value)
-        return {key: torch.cat(values).cpu() for key, values in parts.items()}
+        if not candidates:
+            return {key: torch.zeros(0) for key in ("precision", "recall", "f1")}
+        prf = self._utils.bert_cos_score_idf(
+            self.encoder,
+            list(references),
+            list(candidates),
+            self.tokenizer,
+            self._idf_dict(),
+            batch_size=self.batch_size,
+            device=self.device,
+        )  # (B, 3): P, R, F
+        prf = prf.float().cpu()
+        return {"precision": prf[:, 0], "recall": prf[:, 1], "f1": prf[:, 2]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,6 +413,5 @@ __all__ = [
     "CaptionSimilarity",
     "Captioner",
     "VLMCaptioner",
-    "bertscore_from_embeddings",
     "tiny_shapes_captioner",
 ]
