@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffusion_mdp.rewards as rewards_module
 from diffusion_mdp.agents import (
     AdvantageNormalizer,
     ConfigError,
@@ -357,23 +358,29 @@ def test_bad_configs_fail_before_any_work(micro: Path, prompt_file: Path, tmp_pa
         train(tiny_config(micro, prompt_file, tmp_path), resume=True)
 
 
-_CALLS = {"n": 0}
+@pytest.fixture
+def nan_on_third_batch_reward(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A reward registered for this test only (the registry is restored afterwards): NaN from the 3rd call."""
+    calls = {"n": 0}
+
+    def factory():
+        def reward(images, prompts, metadata):
+            calls["n"] += 1
+            values = -images.reshape(len(images), -1).mean(axis=1).astype(np.float64)
+            if calls["n"] >= 3:  # epoch 1 has 2 sample batches; the first batch of epoch 2 returns NaN
+                values[0] = np.nan
+            return values, {}
+
+        return reward
+
+    name = "_test_nan_on_third_batch"
+    monkeypatch.setattr(rewards_module, "_REGISTRY", dict(rewards_module._REGISTRY))
+    register_reward(name)(factory)
+    return name
 
 
-@register_reward("_test_nan_on_third_batch")
-def _nan_on_third_batch_factory():
-    def reward(images, prompts, metadata):
-        _CALLS["n"] += 1
-        values = -images.reshape(len(images), -1).mean(axis=1).astype(np.float64)
-        if _CALLS["n"] >= 3:  # epoch 1 has 2 sample batches; the first batch of epoch 2 returns NaN
-            values[0] = np.nan
-        return values, {}
-
-    return reward
-
-
+@pytest.mark.usefixtures("nan_on_third_batch_reward")
 def test_reward_error_keeps_the_last_checkpoint(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
-    _CALLS["n"] = 0
     cfg = tiny_config(micro, prompt_file, tmp_path, reward="_test_nan_on_third_batch", num_epochs=3, eval_num_samples=0)
     with pytest.raises(RewardError, match=r"_test_nan_on_third_batch.*NaN") as info:
         train(cfg)
