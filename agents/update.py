@@ -22,7 +22,7 @@ pre-clip norm over the optimizer steps.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ class Learner(Protocol):
 
     config: TrainConfig
     buffer: DenoisingRolloutBuffer
-    first_step_metrics: tuple[str, ...]
+    first_step_metrics: ClassVar[tuple[str, ...]]
 
     def prepare_update(self, epoch: int) -> dict[str, float]: ...
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -87,7 +87,7 @@ class DDIMSchedule:
             )
 
     @classmethod
-    def from_scheduler(cls, scheduler: object, num_steps: int, eta: float = 1.0) -> DDIMSchedule:
+    def from_scheduler(cls, scheduler: Any, num_steps: int, eta: float = 1.0) -> DDIMSchedule:
         """Build the schedule of a diffusers DDIM scheduler for ``num_steps`` denoising steps.
 
         Args:

@@ -110,6 +110,26 @@ def test_discount_below_one_changes_earlier_steps() -> None:
     np.testing.assert_allclose(buffer.returns[:, -1].numpy(), rewards)
 
 
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.5])
+def test_returns_equal_sb3_gae_without_a_critic(gamma: float) -> None:
+    """SB3's GAE with V ≡ 0 and λ = 1 is the discounted return: the buffer's G_t must equal SB3's returns."""
+    from gymnasium import spaces
+    from stable_baselines3.common.buffers import RolloutBuffer
+
+    rewards = np.array([1.0, 4.0, -2.0])
+    ours = _filled_buffer(rewards, gamma=gamma)
+    ours.compute_returns_and_advantage(lambda r, p, g: (np.zeros_like(r), np.ones_like(r)))
+    box = spaces.Box(-1.0, 1.0, (1,), np.float32)
+    sb3 = RolloutBuffer(4, box, box, "cpu", gae_lambda=1.0, gamma=gamma, n_envs=len(rewards))
+    for k in range(4):  # SB3's layout: (buffer_size = T, n_envs = trajectories)
+        step_reward = rewards if k == 3 else np.zeros(len(rewards))
+        zeros = torch.zeros(len(rewards))
+        sb3.add(np.zeros((3, 1)), np.zeros((3, 1)), step_reward, np.full(3, k == 0), zeros, zeros)
+    sb3.compute_returns_and_advantage(last_values=torch.zeros(len(rewards)), dones=np.ones(len(rewards)))
+    np.testing.assert_allclose(ours.returns.numpy(), sb3.returns.T, rtol=1e-6)
+    assert ours.returns[0, 0] == pytest.approx(gamma**3)  # r = 1 three discounted steps before the end
+
+
 def test_advantage_clipping_and_minibatches_cover_every_sample() -> None:
     rewards = np.array([0.0, 0.0, 0.0, 100.0])
     buffer = _filled_buffer(rewards)
