@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (Python 3.11):
 #   make train   set up .venv and run the main job: DDPO on the bundled tiny-shapes model
-#   make test    set up .venv and run the test suite and the linter
+#   make test    set up .venv and run the linter, the type checker, the layer check and the test suite
 # Both install into .venv with the CPU torch build pinned by constraints-cpu.txt.
 
 VENV ?= .venv
@@ -19,6 +19,14 @@ setup: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/diffusion-mdp train --preset tiny-shapes
 
+# import-linter reads packages from the file tree, where agents/ and envs/ sit beside diffusion_mdp/: the
+# layer check runs on a copy laid out as installed (diffusion_mdp/agents, diffusion_mdp/envs).
+LAYERS := $(VENV)/layer-check
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	rm -rf $(LAYERS) && mkdir -p $(LAYERS) && cp -r diffusion_mdp $(LAYERS)/ \
+		&& cp -r agents $(LAYERS)/diffusion_mdp/agents && cp -r envs $(LAYERS)/diffusion_mdp/envs
+	cd $(LAYERS) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports --config $(CURDIR)/pyproject.toml
 	$(PY) -m pytest -q --durations=15

@@ -86,13 +86,23 @@ class PerPromptStatTracker:
 
 
 def batch_statistics(rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every sample's (μ, σ) is the batch's: ``(B,)`` each."""
+    """Every sample's (μ, σ) is the batch's: ``(B,)`` each.
+
+    >>> mean, std = batch_statistics(np.array([1.0, 3.0]))
+    >>> mean.tolist(), std.round(6).tolist()  # σ + 1e-6 keeps equal rewards from dividing by zero
+    ([2.0, 2.0], [1.000001, 1.000001])
+    """
     rewards = np.asarray(rewards, dtype=np.float64)
     return np.full_like(rewards, rewards.mean()), np.full_like(rewards, rewards.std() + STD_EPS)
 
 
 def group_statistics(group_ids: np.ndarray, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(μ, σ) of each sample's group (samples sharing a group id, e.g. the k samples of one prompt in a batch)."""
+    """(μ, σ) of each sample's group (samples sharing a group id, e.g. the k samples of one prompt in a batch).
+
+    >>> mean, _ = group_statistics(np.array([0, 0, 1, 1]), np.array([1.0, 3.0, 10.0, 20.0]))
+    >>> mean.tolist()
+    [2.0, 2.0, 15.0, 15.0]
+    """
     rewards = np.asarray(rewards, dtype=np.float64)
     mean, std = np.empty_like(rewards), np.empty_like(rewards)
     for gid in np.unique(group_ids):
@@ -107,6 +117,11 @@ class AdvantageNormalizer:
     Args:
         mode: ``"per_prompt"``, ``"batch"`` or ``"group"``.
         buffer_size, min_count: Of the per-prompt tracker.
+
+    >>> normalizer = AdvantageNormalizer("group")
+    >>> mean, std = normalizer(np.array([1.0, 3.0, 5.0, 5.0]), ["a", "a", "b", "b"], np.array([0, 0, 1, 1]))
+    >>> mean.tolist()  # the advantage is then (return - μ) / σ, here per group of k = 2 samples
+    [2.0, 2.0, 5.0, 5.0]
     """
 
     def __init__(self, mode: str = "per_prompt", buffer_size: int = 16, min_count: int = 16) -> None:

@@ -1,8 +1,9 @@
 """Shared machinery of every agent: setup, rollouts, evaluation, checkpoints, logging, the epoch loop.
 
-An algorithm is a subclass of :class:`DiffusionAgent` that implements one method,
-:meth:`DiffusionAgent.train_on_rollouts`, which reads the filled :class:`DenoisingRolloutBuffer` and updates
-the UNet (see ``ddpo_is.py``, ``ddpo_sf.py``, ``rwr.py``; each reads top to bottom). Everything else — the
+An algorithm is a subclass of :class:`DiffusionAgent` that implements its loss on one step batch,
+:meth:`DiffusionAgent.step_loss` (and, where it needs more than the advantages, :meth:`~DiffusionAgent.prepare_update`);
+the one update loop over the filled :class:`DenoisingRolloutBuffer` is ``update.py`` (see ``ddpo_is.py``,
+``ddpo_sf.py``, ``rwr.py``; each reads top to bottom). Everything else — the
 vector env in fast torch mode, the policy, LoRA, AdamW, SB3 schedules and logger, autocast, advantages,
 atomic checkpoints with RNG states, held-out evaluation, image grids and the reward plot — lives here once.
 
@@ -23,7 +24,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,6 +39,7 @@ import diffusion_mdp  # noqa: F401  (registers DenoisingMDP-v0)
 from diffusion_mdp.ddim import DDIMSchedule, ddim_step_with_logprob
 from diffusion_mdp.distributed import Distributed, sync_rollout_buffer
 from diffusion_mdp.mdp import RewardError, decode_latents
+from diffusion_mdp.models import DiffusionComponents
 from diffusion_mdp.policy import DiffusionPolicy
 from diffusion_mdp.prompts import PromptSet, load_prompts
 from diffusion_mdp.rewards.executor import AsyncReward
@@ -45,6 +47,7 @@ from diffusion_mdp.rewards.executor import AsyncReward
 from .advantages import AdvantageNormalizer
 from .buffer import DenoisingRolloutBuffer, StepBatch
 from .config import ConfigError, TrainConfig
+from .update import run_update
 from .visual import plot_rewards, save_grid
 
 # Format 2: loadable with torch.load(weights_only=True) (tensors and plain data, NumPy arrays as tagged bytes),
@@ -244,7 +247,7 @@ class TrainingStopped(KeyboardInterrupt):
 
 
 class DiffusionAgent:
-    """Base class: everything but the update rule. Subclasses set ``algorithm`` and ``train_on_rollouts``.
+    """Base class: everything but the loss. Subclasses set ``algorithm`` and implement ``step_loss``.
 
     Args:
         config: A validated :class:`TrainConfig`.
@@ -253,7 +256,7 @@ class DiffusionAgent:
 
     algorithm: ClassVar[str] = ""
 
-    def __init__(self, config: TrainConfig, components: Any = None) -> None:
+    def __init__(self, config: TrainConfig, components: DiffusionComponents | None = None) -> None:
         self.config = cfg = config.validate()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -376,11 +379,29 @@ class DiffusionAgent:
             raise ConfigError("invalid config for a multi-process run: " + "; ".join(problems))
 
     # ------------------------------------------------------------------------------------------
-    # Hooks for algorithms
+    # Hooks for algorithms: a loss on one step batch (the loop is agents/update.py, shared by all)
     # ------------------------------------------------------------------------------------------
+    first_step_metrics: ClassVar[tuple[str, ...]] = ()  # stats logged from the epoch's first step only
+
     def train_on_rollouts(self, epoch: int) -> dict[str, float]:
-        """Update the UNet from the filled buffer; return metrics. Implemented by each algorithm."""
-        raise NotImplementedError
+        """Update the UNet from the filled buffer with :func:`~diffusion_mdp.agents.update.run_update`."""
+        return run_update(self, epoch)
+
+    def prepare_update(self, epoch: int) -> dict[str, float]:
+        """Before the epoch's passes: fill what :meth:`step_loss` reads; return metrics to log as they are.
+
+        By default the advantages A_t of every step (the run's ``advantage_mode``, clipped to ± adv_clip_max).
+        """
+        self.buffer.compute_returns_and_advantage(self.normalizer, self.config.adv_clip_max)
+        return {}
+
+    def step_loss(self, step: StepBatch, epoch: int) -> tuple[Tensor, Mapping[str, Tensor | float]]:
+        """The algorithm's loss on one step batch (b trajectories, each at its own step) and its statistics."""
+        raise NotImplementedError(f"{type(self).__name__} must implement step_loss(step, epoch)")
+
+    def accumulation_steps(self, num_minibatches: int) -> int:
+        """G, the minibatches whose gradients add up to one optimizer step (``gradient_accumulation_steps``)."""
+        return self.config.gradient_accumulation_steps
 
     # ------------------------------------------------------------------------------------------
     # Numerics shared by algorithms

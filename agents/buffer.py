@@ -1,40 +1,62 @@
-"""The rollout buffer of the denoising MDP, on SB3's ``RolloutBuffer`` interface.
-
-SB3 stores ``(buffer_size, n_envs)`` steps; here ``buffer_size`` is T (the episode length, every episode
-lasts exactly T steps) and ``n_envs`` is the number of trajectories per epoch. The trajectories are filled
-one sample batch (the vector env's N episodes) at a time, so ``add`` advances the step index and, after T
-steps, moves to the next block of N trajectories.
+"""The rollout buffer of the denoising MDP: T + 1 latents per trajectory, torch storage on the training device.
 
 A trajectory's states and actions share latents (the action a_t = x_{t-1} *is* the next state's latent), so
 the T+1 latents x_T, ..., x_0 are stored once: ``latents[i, k]`` is the latent after k steps, the state of
-step k is ``latents[i, k]`` and its action ``latents[i, k + 1]``. Storage is torch, on the training device.
+step k is ``latents[i, k]`` and its action ``latents[i, k + 1]`` (ddpo-pytorch's ``latents[:, :-1]`` /
+``latents[:, 1:]``). The trajectories are filled one sample batch (the vector env's N episodes, which all
+last exactly T steps) at a time: ``add`` records one step of the current block of N trajectories and, after
+T steps, moves on to the next block.
 
-Shapes (n = trajectories, T = steps, C/h/w latent, L/D prompt embedding):
+Shapes (n = trajectories per epoch, T = steps, C/h/w latent, L/D prompt embedding):
 
 - ``latents`` ``(n, T + 1, C, h, w)``, ``timesteps`` ``(n, T)``, ``log_probs`` ``(n, T)`` (old π),
 - ``rewards`` ``(n, T)`` (0 except the last step), ``returns``/``advantages`` ``(n, T)``,
 - ``prompt_ids`` ``(n,)``, ``prompt_embeds`` ``(n, L, D)``, ``group_ids`` ``(n,)``.
+
+**Relation to Stable-Baselines3.** The methods follow SB3's ``RolloutBuffer`` (``reset``, ``add``,
+``compute_returns_and_advantage``, ``get``) so that a reader of SB3 finds the same steps, and a step batch is
+a typed NamedTuple like SB3's ``RolloutBufferSamples``. It is *not* an SB3 ``RolloutBuffer`` and does not
+subclass one: SB3 stores ``(buffer_size, n_envs)`` NumPy arrays of flattened observations with a critic's
+values and yields single (s, a) pairs, while this buffer is trajectory-major ``(n, T)`` torch storage without
+a critic and yields minibatches of trajectories, each with its own order of timesteps; none of SB3's buffer
+code runs here and it could not stand in for SB3's in an SB3 algorithm. (Stock SB3 PPO, with SB3's own
+buffer, runs on the same MDP through ``diffusion_mdp.sb3``.) What the agents reuse from SB3 is its
+schedules (``FloatSchedule``, ``LinearSchedule``) and its logger (``configure``, ``Logger``).
+
+>>> buffer = DenoisingRolloutBuffer(num_steps=2, num_trajectories=2, latent_shape=(1, 1, 1), embed_shape=(1, 1))
+>>> obs = {"latent": torch.zeros(2, 1, 1, 1), "prompt_id": torch.arange(2), "prompt": ["a", "b"],
+...        "prompt_embeds": torch.zeros(2, 1, 1)}
+>>> for k in range(2):  # two steps; the reward comes at the last one
+...     obs["timestep"] = torch.full((2,), 500 - 500 * k)
+...     buffer.add(obs, torch.ones(2, 1, 1, 1), [0.0, 0.0] if k == 0 else [1.0, 3.0], log_prob=torch.zeros(2))
+>>> batch_stats = lambda returns, prompts, groups: (np.full_like(returns, 2.0), np.full_like(returns, 1.0))
+>>> buffer.compute_returns_and_advantage(batch_stats)  # (μ, σ) = (2, 1), the batch's
+>>> buffer.advantages.tolist()  # γ = 1: every step's advantage is the normalised terminal reward
+[[-1.0, -1.0], [1.0, 1.0]]
+>>> minibatch = next(buffer.get(batch_size=2, generator=torch.Generator().manual_seed(0)))
+>>> step = minibatch.step(0)  # the first of each trajectory's shuffled steps
+>>> step.latents.shape, step.advantages.shape
+(torch.Size([2, 1, 1, 1]), torch.Size([2]))
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from gymnasium import spaces
-from stable_baselines3.common.buffers import RolloutBuffer
 from torch import Tensor
 
 # (returns (n,), prompts, group_ids (n,)) -> (μ (n,), σ (n,)): see advantages.AdvantageNormalizer.
 AdvantageFn = Callable[[np.ndarray, Sequence[str], np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-@dataclass
-class StepBatch:
+class StepBatch(NamedTuple):
     """One training step's data for a minibatch of b trajectories (each at its own timestep).
+
+    The samples the update loop trains on, as SB3's ``RolloutBufferSamples`` (a NamedTuple of tensors).
 
     Attributes:
         latents: ``(b, C, h, w)`` x_t.
@@ -60,7 +82,7 @@ class StepBatch:
         return {"latent": self.latents, "timestep": self.timesteps, "prompt_embeds": self.prompt_embeds}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrajectoryMinibatch:
     """b trajectories and, for each, its own random order of the steps to train on.
 
@@ -92,8 +114,8 @@ class TrajectoryMinibatch:
         )
 
 
-class DenoisingRolloutBuffer(RolloutBuffer):
-    """SB3 ``RolloutBuffer`` for the denoising MDP (torch storage, T + 1 latents per trajectory).
+class DenoisingRolloutBuffer:
+    """The epoch's trajectories: T + 1 latents each, log-probs, rewards, advantages (see the module docstring).
 
     Args:
         num_steps: T.
@@ -102,7 +124,6 @@ class DenoisingRolloutBuffer(RolloutBuffer):
         embed_shape: ``(L, D)`` of a prompt embedding.
         device: Storage device (the training device).
         gamma: Discount γ (1 in DDPO).
-        gae_lambda: GAE λ (1 in DDPO; with no value function GAE reduces to discounted returns).
     """
 
     def __init__(
@@ -113,36 +134,21 @@ class DenoisingRolloutBuffer(RolloutBuffer):
         embed_shape: tuple[int, int],
         device: torch.device | str = "cpu",
         gamma: float = 1.0,
-        gae_lambda: float = 1.0,
     ) -> None:
+        self.num_steps = int(num_steps)
+        self.num_trajectories = int(num_trajectories)
         self.latent_shape = tuple(latent_shape)
         self.embed_shape = tuple(embed_shape)
+        self.device = torch.device(device)
+        self.gamma = float(gamma)
         # Multi-process training: indices (b,) of a global minibatch -> this process's share (see
         # diffusion_mdp.distributed); None trains on whole minibatches.
         self.shard: Callable[[Tensor], Tensor] | None = None
-        observation_space = spaces.Box(-np.inf, np.inf, self.latent_shape, np.float32)
-        action_space = spaces.Box(-np.inf, np.inf, self.latent_shape, np.float32)
-        super().__init__(
-            num_steps,
-            observation_space,
-            action_space,
-            device,
-            gae_lambda=gae_lambda,
-            gamma=gamma,
-            n_envs=num_trajectories,
-        )
-
-    @property
-    def num_steps(self) -> int:
-        return self.buffer_size
-
-    @property
-    def num_trajectories(self) -> int:
-        return self.n_envs
+        self.reset()
 
     def reset(self) -> None:
-        """Allocate (or clear) the torch storage; called by SB3's ``__init__`` too."""
-        n, steps, dev = self.n_envs, self.buffer_size, self.device
+        """Allocate (or clear) the torch storage."""
+        n, steps, dev = self.num_trajectories, self.num_steps, self.device
         self.latents = torch.zeros((n, steps + 1, *self.latent_shape), device=dev)
         self.timesteps = torch.zeros((n, steps), dtype=torch.int64, device=dev)
         self.log_probs = torch.zeros((n, steps), device=dev)
@@ -153,20 +159,18 @@ class DenoisingRolloutBuffer(RolloutBuffer):
         self.prompt_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.group_ids = np.zeros(n, dtype=np.int64)
         self.prompts: list[str] = [""] * n
-        self.infos: list[dict[str, Any]] = []
         self.block_start = 0  # first trajectory of the sample batch being filled
-        self.pos = 0
+        self.pos = 0  # the step k of that block which add() records next
         self.full = False
-        self.generator_ready = False
+        self.advantages_ready = False
 
-    def add(  # type: ignore[override]
+    def add(
         self,
         obs: dict[str, Any],
         action: Tensor,
-        reward: np.ndarray | Tensor,
-        episode_start: Any = None,
-        value: Any = None,
-        log_prob: Tensor | None = None,
+        reward: np.ndarray | Tensor | Sequence[float],
+        *,
+        log_prob: Tensor,
         block_start: int | None = None,
     ) -> None:
         """Record step ``pos`` of the current block of N trajectories.
@@ -177,7 +181,6 @@ class DenoisingRolloutBuffer(RolloutBuffer):
                 ``group_id`` ``(N,)``.
             action: ``(N, C, h, w)`` x_{t-1}.
             reward: ``(N,)`` the step's reward (0 until the last step).
-            episode_start, value: Unused (SB3 signature; episodes are aligned and there is no critic).
             log_prob: ``(N,)`` log π_old(action | obs).
             block_start: First trajectory row of this block (default: right after the previous block); read at
                 a block's first step only.
@@ -186,12 +189,10 @@ class DenoisingRolloutBuffer(RolloutBuffer):
             raise RuntimeError("the buffer is full: call reset() before adding more steps")
         if self.pos == 0 and block_start is not None:  # multi-process: batches fill non-consecutive blocks
             self.block_start = int(block_start)
-        if log_prob is None:
-            raise ValueError("DDPO needs the sampling log-probabilities: pass log_prob")
         num = int(action.shape[0])
         rows = slice(self.block_start, self.block_start + num)
-        if rows.stop > self.n_envs:
-            raise ValueError(f"adding {num} trajectories overflows the buffer's {self.n_envs}")
+        if rows.stop > self.num_trajectories:
+            raise ValueError(f"adding {num} trajectories overflows the buffer's {self.num_trajectories}")
         if self.pos == 0:  # a new block of episodes: its prompts and x_T
             self.latents[rows, 0] = torch.as_tensor(obs["latent"], device=self.device, dtype=torch.float32)
             self.prompt_ids[rows] = torch.as_tensor(obs["prompt_id"], device=self.device)
@@ -203,10 +204,10 @@ class DenoisingRolloutBuffer(RolloutBuffer):
         self.log_probs[rows, self.pos] = log_prob.to(self.device, torch.float32)
         self.rewards[rows, self.pos] = torch.as_tensor(reward, device=self.device, dtype=torch.float64)
         self.pos += 1
-        if self.pos == self.buffer_size:
+        if self.pos == self.num_steps:
             self.pos = 0
             self.block_start += num
-            self.full = self.block_start == self.n_envs
+            self.full = self.block_start == self.num_trajectories
 
     @property
     def final_latents(self) -> Tensor:
@@ -218,33 +219,33 @@ class DenoisingRolloutBuffer(RolloutBuffer):
         """``(n,)`` float64 undiscounted episode rewards (the terminal reward r(x_0, c))."""
         return self.rewards.sum(dim=1)
 
-    def compute_returns_and_advantage(  # type: ignore[override]
-        self, advantage_fn: AdvantageFn, adv_clip_max: float = float("inf")
-    ) -> None:
-        """Returns G_t and advantages A_t for every step (replaces SB3's GAE, which needs a critic).
+    def compute_returns_and_advantage(self, advantage_fn: AdvantageFn, adv_clip_max: float = float("inf")) -> None:
+        """Returns G_t and advantages A_t for every step (no critic: a reward baseline instead of GAE).
 
-        With no value function GAE(γ, λ) reduces to the discounted return G_t = Σ_{k≥t} γ^{k-t} r_k (λ then
-        does not matter). Each trajectory's (μ, σ) come from ``advantage_fn`` applied to G at the first
-        step, and A_t = clip((G_t - μ) / σ, ± adv_clip_max). With γ = 1, G_t = r(x_0, c) for every t, so
-        every step's advantage is the trajectory's normalised terminal reward.
+        G_t = Σ_{k≥t} γ^{k-t} r_k, the discounted return (what SB3's GAE returns with V ≡ 0 and λ = 1).
+        Each trajectory's (μ, σ) come from ``advantage_fn`` applied to G at the first step, and
+        A_t = clip((G_t - μ) / σ, ± adv_clip_max). With γ = 1, G_t = r(x_0, c) for every t, so every step's
+        advantage is the trajectory's normalised terminal reward.
 
         Args:
             advantage_fn: ``(returns (n,), prompts, group_ids (n,)) -> (μ (n,), σ (n,))``.
             adv_clip_max: Clip advantages to ± this.
         """
         if not self.full:
-            raise RuntimeError(f"the buffer holds {self.block_start}/{self.n_envs} trajectories; fill it first")
-        running = torch.zeros(self.n_envs, dtype=torch.float64, device=self.device)
-        for t in reversed(range(self.buffer_size)):
+            raise RuntimeError(
+                f"the buffer holds {self.block_start}/{self.num_trajectories} trajectories; fill it first"
+            )
+        running = torch.zeros(self.num_trajectories, dtype=torch.float64, device=self.device)
+        for t in reversed(range(self.num_steps)):
             running = self.rewards[:, t] + self.gamma * running
             self.returns[:, t] = running
         mean, std = advantage_fn(self.returns[:, 0].cpu().numpy(), self.prompts, self.group_ids)
         mean_t = torch.as_tensor(mean, device=self.device, dtype=torch.float64)[:, None]
         std_t = torch.as_tensor(std, device=self.device, dtype=torch.float64)[:, None]
         self.advantages = ((self.returns - mean_t) / std_t).clamp(-adv_clip_max, adv_clip_max).float()
-        self.generator_ready = True
+        self.advantages_ready = True
 
-    def get(  # type: ignore[override]
+    def get(
         self,
         batch_size: int | None = None,
         timestep_fraction: float = 1.0,
@@ -261,9 +262,9 @@ class DenoisingRolloutBuffer(RolloutBuffer):
             timestep_fraction: Fraction of steps trained on.
             generator: CPU RNG for the permutations (for reproducibility).
         """
-        if not self.generator_ready:
+        if not self.advantages_ready:
             raise RuntimeError("call compute_returns_and_advantage() before get()")
-        n, steps = self.n_envs, self.buffer_size
+        n, steps = self.num_trajectories, self.num_steps
         batch_size = batch_size or n
         num_train_steps = max(1, int(np.ceil(timestep_fraction * steps)))
         perm = torch.randperm(n, generator=generator)
@@ -274,5 +275,5 @@ class DenoisingRolloutBuffer(RolloutBuffer):
                 idx = self.shard(idx)
             yield TrajectoryMinibatch(self, idx.to(self.device), step_order[idx].to(self.device))
 
-    def _get_samples(self, batch_inds: np.ndarray, env: Any = None) -> Any:  # pragma: no cover - SB3 hook
-        raise NotImplementedError("DenoisingRolloutBuffer yields TrajectoryMinibatch objects from get()")
+
+__all__ = ["AdvantageFn", "DenoisingRolloutBuffer", "StepBatch", "TrajectoryMinibatch"]

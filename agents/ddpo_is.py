@@ -7,20 +7,20 @@ For a trajectory sampled by π_old and a step (s_t, a_t) = ((c, t, x_t), x_{t-1}
 
 with A the trajectory's normalised terminal reward (every step has the same one, see ``advantages.py``).
 The log-probs are means over latent dimensions (DDPO's convention), which is why ε is tiny (1e-4).
-Per epoch: ``num_inner_epochs`` passes over the samples, shuffled across samples and across time; the
-gradient is accumulated over a minibatch's timesteps and over ``gradient_accumulation_steps`` minibatches
-before each AdamW step (paper: 256 samples, 4 minibatches, 4 updates).
+This file is the loss; the passes over the samples (``num_inner_epochs``, shuffled across samples and
+time), the accumulation over a minibatch's timesteps and ``gradient_accumulation_steps`` minibatches, and
+the AdamW steps are the shared loop of ``update.py`` (paper: 256 samples, 4 minibatches, 4 updates).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .base import DiffusionAgent
+from .buffer import StepBatch
 
 
 def ppo_clip_loss(
@@ -61,41 +61,22 @@ class DDPOIS(DiffusionAgent):
     """DDPO with importance sampling and PPO clipping (the paper's best-performing variant)."""
 
     algorithm: ClassVar[str] = "ddpo_is"
+    # The first step's ratio must be 1: the policy that sampled those actions scores them.
+    first_step_metrics: ClassVar[tuple[str, ...]] = ("ratio",)
 
-    def train_on_rollouts(self, epoch: int) -> dict[str, float]:
-        cfg, buffer = self.config, self.buffer
-        buffer.compute_returns_and_advantage(self.normalizer, cfg.adv_clip_max)
-        clip_range = self.current_clip_range(epoch)
-        logs: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl_ref": [], "grad_norm": []}
-        first_ratio = float("nan")
-        for inner in range(cfg.num_inner_epochs):
-            minibatches = list(
-                buffer.get(cfg.train_batch_size, cfg.timestep_fraction, self.shuffle_generator(epoch, inner))
-            )
-            for mb_index, minibatch in enumerate(minibatches):
-                # Gradient accumulation: the loss of one step is scaled by 1/(K·G) so that one optimizer step
-                # follows the mean loss over K timesteps × G minibatches.
-                scale = 1.0 / (minibatch.num_timesteps * cfg.gradient_accumulation_steps)
-                for j in range(minibatch.num_timesteps):
-                    step = minibatch.step(j)
-                    log_prob, out = self.step_log_prob(step)
-                    loss, stats = ppo_clip_loss(log_prob, step.old_log_probs, step.advantages, clip_range)
-                    if cfg.kl_coef > 0:
-                        kl = self.kl_to_reference(step, out).mean()
-                        loss = loss + cfg.kl_coef * kl
-                        logs["kl_ref"].append(float(kl.detach()))
-                    self.backward(loss * scale)
-                    logs["loss"].append(float(loss.detach()))
-                    logs["approx_kl"].append(float(stats["approx_kl"]))
-                    logs["clipfrac"].append(float(stats["clipfrac"]))
-                    if inner == 0 and mb_index == 0 and j == 0:
-                        first_ratio = float(stats["ratio"])  # must be 1: the same policy sampled these actions
-                last = mb_index == len(minibatches) - 1
-                if (mb_index + 1) % cfg.gradient_accumulation_steps == 0 or last:
-                    logs["grad_norm"].append(self.optimizer_step())
-        metrics = {key: float(np.mean(values)) for key, values in logs.items() if values}
-        metrics.update(clip_range=clip_range, first_ratio=first_ratio)
-        return metrics
+    def prepare_update(self, epoch: int) -> dict[str, float]:
+        super().prepare_update(epoch)  # A for every step: the normalised terminal reward
+        return {"clip_range": self.current_clip_range(epoch)}
+
+    def step_loss(self, step: StepBatch, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """L^CLIP (+ β KL(π_θ ‖ π_ref) with ``kl_coef`` = β > 0) on one step batch."""
+        log_prob, out = self.step_log_prob(step)  # log π_θ(x_{t-1} | x_t, c), with gradients
+        loss, stats = ppo_clip_loss(log_prob, step.old_log_probs, step.advantages, self.current_clip_range(epoch))
+        if self.config.kl_coef > 0:
+            kl = self.kl_to_reference(step, out).mean()
+            loss = loss + self.config.kl_coef * kl
+            stats["kl_ref"] = kl
+        return loss, stats
 
 
 __all__ = ["DDPOIS", "ppo_clip_loss"]

@@ -11,19 +11,21 @@ training loss on the sampled x_0, weighted by the reward:
 ε̃_θ is the classifier-free-guided prediction (guidance is on while training, as for DDPO: the paper found
 training only the conditional branch degrades quickly; ``rwr_guided_loss=False`` trains ε_c instead).
 ``target`` follows the scheduler's prediction type (ε, v or x_0). Multi-round as in the paper: every epoch
-samples fresh x_0 from the current model, then trains ``num_inner_epochs`` passes on it; each pass draws one
-random t per sample and timestep slot.
+samples fresh x_0 from the current model, then trains ``num_inner_epochs`` passes on it (the shared loop of
+``update.py``); each pass draws one random t per sample and timestep slot.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import DiffusionAgent, derived_seed
+from .base import _SEED_TAGS, DiffusionAgent, derived_seed
+from .buffer import StepBatch
 
 
 def rwr_weights(rewards: Tensor, beta: float) -> Tensor:
@@ -49,55 +51,47 @@ class RWR(DiffusionAgent):
     """Reward-weighted regression with softmax weights (``algorithm='rwr'``)."""
 
     algorithm: ClassVar[str] = "rwr"
+    weights: Tensor  # (n,) w of the epoch's samples, set by prepare_update
+    noise_generator: torch.Generator  # the epoch's training draws (t, ε)
 
     def sample_weights(self, rewards: Tensor) -> Tensor:
         return rwr_weights(rewards, self.config.rwr_beta)
 
-    def train_on_rollouts(self, epoch: int) -> dict[str, float]:
-        cfg, buffer = self.config, self.buffer
-        scheduler = self.components.scheduler
-        # RWR needs no advantages, but get() shuffles only a ready buffer: batch stats are a harmless default.
-        buffer.compute_returns_and_advantage(lambda r, p, g: (np.zeros_like(r), np.ones_like(r)))
-        weights = self.sample_weights(buffer.episode_rewards.float()).to(self.device)
-        x0 = buffer.final_latents
-        # w of the regressed prediction: the sampling guidance (ε̃, the paper's) or 1 (the conditional ε_c).
-        loss_guidance = None if cfg.rwr_guided_loss else 1.0
-        noise_gen = torch.Generator().manual_seed(derived_seed(cfg.seed, 4, epoch))
-        losses, grad_norms = [], []
-        for inner in range(cfg.num_inner_epochs):
-            minibatches = list(
-                buffer.get(cfg.train_batch_size, cfg.timestep_fraction, self.shuffle_generator(epoch, inner))
-            )
-            for mb_index, minibatch in enumerate(minibatches):
-                idx, slots = minibatch.indices, minibatch.num_timesteps
-                scale = 1.0 / (slots * cfg.gradient_accumulation_steps)
-                embeds = buffer.prompt_embeds[idx]
-                for _ in range(slots):
-                    # A fresh training timestep t ~ U{0..999} and noise ε for each sample (DDPM's loss).
-                    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=noise_gen)
-                    eps = torch.randn(x0[idx].shape, generator=noise_gen)
-                    t, eps = t.to(self.device), eps.to(self.device)
-                    noisy = scheduler.add_noise(x0[idx], eps, t)
-                    if scheduler.config.prediction_type == "epsilon":
-                        target = eps
-                    elif scheduler.config.prediction_type == "v_prediction":
-                        target = scheduler.get_velocity(x0[idx], eps, t)
-                    else:
-                        target = x0[idx]
-                    with self.autocast():
-                        prediction = self.policy.predict(noisy, t, embeds, guidance_scale=loss_guidance)
-                    per_sample = ((prediction.float() - target) ** 2).mean(dim=(1, 2, 3))
-                    loss = (weights[idx] * per_sample).mean()
-                    self.backward(loss * scale)
-                    losses.append(float(loss.detach()))
-                if (mb_index + 1) % cfg.gradient_accumulation_steps == 0 or mb_index == len(minibatches) - 1:
-                    grad_norms.append(self.optimizer_step())
+    def prepare_update(self, epoch: int) -> dict[str, float]:
+        """The epoch's sample weights w and the generator of the training noise (t, ε)."""
+        # No advantages: μ = 0, σ = 1 leaves A = the return (the buffer shuffles only once they are set).
+        self.buffer.compute_returns_and_advantage(lambda r, p, g: (np.zeros_like(r), np.ones_like(r)))
+        self.weights = weights = self.sample_weights(self.buffer.episode_rewards.float()).to(self.device)
+        self.noise_generator = torch.Generator().manual_seed(derived_seed(self.config.seed, _SEED_TAGS["train"], epoch))
         return {
-            "loss": float(np.mean(losses)),
-            "grad_norm": float(np.mean(grad_norms)),
             "weight_max": float(weights.max()),
             "effective_samples": float(weights.sum() ** 2 / (weights**2).sum()),
         }
+
+    def step_loss(self, step: StepBatch, epoch: int) -> tuple[Tensor, Mapping[str, Tensor]]:
+        """mean_b w_i ‖ε̃_θ(x_t^i, t_i, c_i) - target_i‖² at a fresh t_i ~ U{0..999} and ε_i ~ N(0, I) per sample.
+
+        Only the step's trajectories (``step.indices``) and prompts are used: RWR regresses on their x_0.
+        """
+        scheduler, idx = self.components.scheduler, step.indices
+        x0 = self.buffer.final_latents[idx]
+        # A fresh training timestep t ~ U{0..999} and noise ε for each sample (DDPM's loss).
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=self.noise_generator)
+        eps = torch.randn(x0.shape, generator=self.noise_generator)
+        t, eps = t.to(self.device), eps.to(self.device)
+        noisy = scheduler.add_noise(x0, eps, t)
+        if scheduler.config.prediction_type == "epsilon":
+            target = eps
+        elif scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(x0, eps, t)
+        else:
+            target = x0
+        # w of the regressed prediction: the sampling guidance (ε̃, the paper's) or 1 (the conditional ε_c).
+        loss_guidance = None if self.config.rwr_guided_loss else 1.0
+        with self.autocast():
+            prediction = self.policy.predict(noisy, t, step.prompt_embeds, guidance_scale=loss_guidance)
+        per_sample = ((prediction.float() - target) ** 2).mean(dim=(1, 2, 3))
+        return (self.weights[idx] * per_sample).mean(), {}
 
 
 class SparseRWR(RWR):

@@ -1,4 +1,4 @@
-"""Overhead of the vector environment over a plain sampling loop (issue 2's benchmark).
+"""Overhead of the vector environment over a plain sampling loop: what the Gymnasium interface costs.
 
 Workload: the reference tiny pipeline (``diffusion_mdp.testing``), 16 environments × 20 DDIM steps, CFG 5,
 JPEG compressibility. Both sides make the same policy calls on the same batch; the plain loop updates a

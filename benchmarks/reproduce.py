@@ -333,7 +333,7 @@ def execute_run(budget: Budget, task: str, method: str, seed: int, out: Path, mo
         ],
         "trace": state["trace"],
         "summary": read_json(run_dir / "summary.json", {}),
-        "extra": {k: history[-1][k] for k in ("effective_samples", "clip_fraction", "approx_kl") if k in history[-1]},
+        "extra": {k: history[-1][k] for k in ("effective_samples", "clipfrac", "approx_kl") if k in history[-1]},
     }
 
 

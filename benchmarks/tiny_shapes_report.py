@@ -1,4 +1,4 @@
-"""Quality and speed report of the bundled tiny-shapes model (issue 3, item 5).
+"""Quality and speed report of the bundled tiny-shapes model: does it draw what the prompt asks, and how fast?
 
 For each prompt set, samples ``--per-prompt`` images per prompt with 20 DDIM steps (η = 1) and
 classifier-free guidance, and reports the fraction whose colour, shape and count the bundled captioner

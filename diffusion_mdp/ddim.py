@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -57,6 +57,11 @@ class DDIMSchedule:
         eta: η of DDIM; η > 0 makes the policy stochastic (η = 1 is DDPM-like, the paper's setting).
         prediction_type: What the UNet predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
         clip_sample_range: If set, the predicted x_0 is clamped to ± this (diffusers' ``clip_sample``).
+
+    >>> from diffusers import DDIMScheduler
+    >>> schedule = DDIMSchedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False), num_steps=4)
+    >>> schedule.timesteps.tolist(), schedule.step_size  # T = 4 steps of 1000 / 4 training timesteps
+    ([750, 500, 250, 0], 250)
     """
 
     alphas_cumprod: Tensor
@@ -82,7 +87,7 @@ class DDIMSchedule:
             )
 
     @classmethod
-    def from_scheduler(cls, scheduler: object, num_steps: int, eta: float = 1.0) -> DDIMSchedule:
+    def from_scheduler(cls, scheduler: Any, num_steps: int, eta: float = 1.0) -> DDIMSchedule:
         """Build the schedule of a diffusers DDIM scheduler for ``num_steps`` denoising steps.
 
         Args:
@@ -173,6 +178,13 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduction: LogProbRe
 
     Returns:
         ``(B,)``.
+
+    >>> x = torch.zeros(1, 2, 3)
+    >>> mean_lp = gaussian_log_prob(x, torch.zeros(1, 2, 3), torch.tensor(1.0))
+    >>> round(float(mean_lp), 4)  # log N(0; 0, 1) = -log √(2π) per dimension
+    -0.9189
+    >>> torch.allclose(gaussian_log_prob(x, x, torch.tensor(1.0), reduction="sum"), 6 * mean_lp)  # D = 6
+    True
     """
     # log N = -(x - μ)² / (2σ²) - log σ - log √(2π), elementwise, then reduced.
     per_dim = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI

@@ -27,7 +27,7 @@ from torch import Tensor
 from diffusion_mdp.ddim import DDIMSchedule
 from diffusion_mdp.models import DiffusionComponents, load_components
 from diffusion_mdp.prompts import PromptSet, load_prompts
-from diffusion_mdp.rewards import RewardFn, make_reward
+from diffusion_mdp.rewards import RewardError, RewardFn, make_reward  # RewardError: re-exported here
 
 # Finite bounds of the latent Box space. Gaussian latents never come near them; they exist because
 # Gymnasium and RL libraries expect finite bounds.
@@ -37,10 +37,6 @@ DEFAULT_REWARD = "jpeg_compressibility"
 
 class EpisodeEndedError(RuntimeError):
     """``step`` was called after the episode ended, without ``reset``."""
-
-
-class RewardError(RuntimeError):
-    """The reward function raised, or returned something that is not N finite numbers."""
 
 
 def decode_latents(vae: Any, latents: Tensor) -> np.ndarray:

@@ -71,7 +71,12 @@ class PromptSet:
         return max(len(p) for p in self.prompts)
 
     def sample(self, rng: np.random.Generator) -> int:
-        """Draw a prompt index uniformly with ``rng``."""
+        """Draw a prompt index uniformly with ``rng``.
+
+        >>> prompts = PromptSet(["a cat", "a dog"])
+        >>> sorted({prompts.sample(np.random.default_rng(seed)) for seed in range(20)})
+        [0, 1]
+        """
         return int(rng.integers(len(self.prompts)))
 
 
@@ -106,6 +111,13 @@ def load_prompts(spec: str | os.PathLike[str] | Sequence[str] | PromptSet) -> Pr
 
     Raises:
         ValueError: For an unknown name (the message lists the available ones) or an empty set.
+
+    >>> load_prompts(["a cat", "a dog"]).metadata  # a plain list: no metadata for the reward
+    [{}, {}]
+    >>> load_prompts("no_such_set")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown prompt set 'no_such_set'; available prompt sets: ...
     """
     if isinstance(spec, PromptSet):
         return spec

@@ -1,8 +1,9 @@
 """An algorithm added from outside the library: GRPO-style group baselines + PPO-clip + a KL leash.
 
 This file is the worked example of the extension point (docs/plug_in.md): subclass ``DiffusionAgent``,
-implement ``train_on_rollouts``, ``register_algorithm``. The base class does everything else — rollouts
-into the buffer, LoRA, AdamW, evaluation, checkpoints, logging, resume.
+implement its loss on one step batch (``step_loss``) and, here, the advantages (``prepare_update``),
+``register_algorithm``. The base class does everything else — rollouts into the buffer, the update loop
+(shuffling, gradient accumulation, clipping, AdamW), LoRA, evaluation, checkpoints, logging, resume.
 
 What this variant changes, compared with the built-in ``ddpo_is`` + ``advantage_mode="group"``:
 
@@ -27,8 +28,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from torch import Tensor
 
-from diffusion_mdp.agents import DiffusionAgent, build_config, ppo_clip_loss, register_algorithm, train
+from diffusion_mdp.agents import DiffusionAgent, StepBatch, build_config, ppo_clip_loss, register_algorithm, train
 from diffusion_mdp.agents.config import TINY_SHAPES_LORA_RECIPE, ConfigError
 
 
@@ -63,28 +65,18 @@ class GRPO(DiffusionAgent):
             )
         super().__init__(config, components)
 
-    def train_on_rollouts(self, epoch: int) -> dict[str, float]:
-        cfg, buffer = self.config, self.buffer
+    def prepare_update(self, epoch: int) -> dict[str, float]:
         # 1. Advantages: the buffer calls our (μ, σ) function on the terminal rewards, fills A for every step.
-        buffer.compute_returns_and_advantage(group_mean_batch_std, cfg.adv_clip_max)
-        clip_range = self.current_clip_range(epoch)
-        logs: dict[str, list[float]] = {"loss": [], "kl_ref": [], "clipfrac": [], "grad_norm": []}
-        for inner in range(cfg.num_inner_epochs):
-            # 2. Minibatches of trajectories, each with its own shuffled order of timesteps.
-            minibatches = buffer.get(cfg.train_batch_size, cfg.timestep_fraction, self.shuffle_generator(epoch, inner))
-            for minibatch in minibatches:
-                for j in range(minibatch.num_timesteps):
-                    step = minibatch.step(j)  # a StepBatch: latents, next_latents, timesteps, old log-probs, A
-                    log_prob, out = self.step_log_prob(step)  # log π_θ(x_{t-1} | x_t, c) with gradients
-                    loss, stats = ppo_clip_loss(log_prob, step.old_log_probs, step.advantages, clip_range)
-                    kl = self.kl_to_reference(step, out).mean()
-                    loss = loss + cfg.kl_coef * kl
-                    self.backward(loss / minibatch.num_timesteps)  # accumulate over the trajectory's steps
-                    logs["loss"].append(float(loss.detach()))
-                    logs["kl_ref"].append(float(kl.detach()))
-                    logs["clipfrac"].append(float(stats["clipfrac"]))
-                logs["grad_norm"].append(self.optimizer_step())  # one AdamW step per minibatch
-        return {key: float(np.mean(values)) for key, values in logs.items()}
+        self.buffer.compute_returns_and_advantage(group_mean_batch_std, self.config.adv_clip_max)
+        return {"clip_range": self.current_clip_range(epoch)}
+
+    def step_loss(self, step: StepBatch, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        # 2. The loss on one step batch (b trajectories, each at its own timestep): the base class's update
+        #    loop shuffles, scales by 1/(K·G), accumulates, clips and steps AdamW around it.
+        log_prob, out = self.step_log_prob(step)  # log π_θ(x_{t-1} | x_t, c) with gradients
+        loss, stats = ppo_clip_loss(log_prob, step.old_log_probs, step.advantages, self.current_clip_range(epoch))
+        kl = self.kl_to_reference(step, out).mean()
+        return loss + self.config.kl_coef * kl, {"kl_ref": kl, "clipfrac": stats["clipfrac"]}
 
 
 register_algorithm("grpo", GRPO)  # now build_config(algorithm="grpo") and train(...) know it

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffusion_mdp.rewards as rewards_module
 from diffusion_mdp.agents import (
     AdvantageNormalizer,
     ConfigError,
@@ -107,6 +108,26 @@ def test_discount_below_one_changes_earlier_steps() -> None:
     buffer.compute_returns_and_advantage(lambda r, p, g: (np.zeros_like(r), np.ones_like(r)))
     np.testing.assert_allclose(buffer.returns[:, 0].numpy(), rewards * 0.5**3)
     np.testing.assert_allclose(buffer.returns[:, -1].numpy(), rewards)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.5])
+def test_returns_equal_sb3_gae_without_a_critic(gamma: float) -> None:
+    """SB3's GAE with V ≡ 0 and λ = 1 is the discounted return: the buffer's G_t must equal SB3's returns."""
+    from gymnasium import spaces
+    from stable_baselines3.common.buffers import RolloutBuffer
+
+    rewards = np.array([1.0, 4.0, -2.0])
+    ours = _filled_buffer(rewards, gamma=gamma)
+    ours.compute_returns_and_advantage(lambda r, p, g: (np.zeros_like(r), np.ones_like(r)))
+    box = spaces.Box(-1.0, 1.0, (1,), np.float32)
+    sb3 = RolloutBuffer(4, box, box, "cpu", gae_lambda=1.0, gamma=gamma, n_envs=len(rewards))
+    for k in range(4):  # SB3's layout: (buffer_size = T, n_envs = trajectories)
+        step_reward = rewards if k == 3 else np.zeros(len(rewards))
+        zeros = torch.zeros(len(rewards))
+        sb3.add(np.zeros((3, 1)), np.zeros((3, 1)), step_reward, np.full(3, k == 0), zeros, zeros)
+    sb3.compute_returns_and_advantage(last_values=torch.zeros(len(rewards)), dones=np.ones(len(rewards)))
+    np.testing.assert_allclose(ours.returns.numpy(), sb3.returns.T, rtol=1e-6)
+    assert ours.returns[0, 0] == pytest.approx(gamma**3)  # r = 1 three discounted steps before the end
 
 
 def test_advantage_clipping_and_minibatches_cover_every_sample() -> None:
@@ -357,23 +378,29 @@ def test_bad_configs_fail_before_any_work(micro: Path, prompt_file: Path, tmp_pa
         train(tiny_config(micro, prompt_file, tmp_path), resume=True)
 
 
-_CALLS = {"n": 0}
+@pytest.fixture
+def nan_on_third_batch_reward(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A reward registered for this test only (the registry is restored afterwards): NaN from the 3rd call."""
+    calls = {"n": 0}
+
+    def factory():
+        def reward(images, prompts, metadata):
+            calls["n"] += 1
+            values = -images.reshape(len(images), -1).mean(axis=1).astype(np.float64)
+            if calls["n"] >= 3:  # epoch 1 has 2 sample batches; the first batch of epoch 2 returns NaN
+                values[0] = np.nan
+            return values, {}
+
+        return reward
+
+    name = "_test_nan_on_third_batch"
+    monkeypatch.setattr(rewards_module, "_REGISTRY", dict(rewards_module._REGISTRY))
+    register_reward(name)(factory)
+    return name
 
 
-@register_reward("_test_nan_on_third_batch")
-def _nan_on_third_batch_factory():
-    def reward(images, prompts, metadata):
-        _CALLS["n"] += 1
-        values = -images.reshape(len(images), -1).mean(axis=1).astype(np.float64)
-        if _CALLS["n"] >= 3:  # epoch 1 has 2 sample batches; the first batch of epoch 2 returns NaN
-            values[0] = np.nan
-        return values, {}
-
-    return reward
-
-
+@pytest.mark.usefixtures("nan_on_third_batch_reward")
 def test_reward_error_keeps_the_last_checkpoint(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
-    _CALLS["n"] = 0
     cfg = tiny_config(micro, prompt_file, tmp_path, reward="_test_nan_on_third_batch", num_epochs=3, eval_num_samples=0)
     with pytest.raises(RewardError, match=r"_test_nan_on_third_batch.*NaN") as info:
         train(cfg)

@@ -175,10 +175,63 @@ def run_example(path: Path, argv: list[str], monkeypatch: pytest.MonkeyPatch) ->
     "script", ["sb3_ppo.py", "reinforce_from_scratch.py", "extension_grpo.py"], ids=lambda s: s.removesuffix(".py")
 )
 def test_examples_smoke(script: str, reference_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each plug-in example runs end to end (a few steps on the reference pipeline) and reports before/after."""
-    argv = ["--smoke", "--model", str(reference_pipeline), "--reward", "jpeg_compressibility", "--out", str(tmp_path)]
-    run_example(ROOT / "examples" / script, argv, monkeypatch)
+    """Each plug-in example runs end to end (a few steps on the reference pipeline) and does what it says."""
     import json
 
+    _isolate_algorithm_registry(monkeypatch)
+    argv = ["--smoke", "--model", str(reference_pipeline), "--reward", "jpeg_compressibility", "--out", str(tmp_path)]
+    run_example(ROOT / "examples" / script, argv, monkeypatch)
     result = json.loads((tmp_path / "result.json").read_text())
-    assert np.isfinite(result["eval_before"]) and np.isfinite(result["eval_after"])
+    # The --reward flag reached the environment: JPEG compressibility is minus a file size, always < 0.
+    assert result["eval_before"] < 0 and result["eval_after"] < 0, result
+    if script == "sb3_ppo.py":  # SB3's PPO really ran its update on the LoRA
+        metrics = result["sb3_train_metrics"]
+        assert metrics["train/n_updates"] > 0 and np.isfinite(metrics["train/policy_gradient_loss"]), metrics
+        assert 0.0 <= metrics["train/clip_fraction"] <= 1.0
+    if script == "reinforce_from_scratch.py":  # one training reward per epoch, two held-out samples per batch
+        assert len(result["train_reward"]) == result["args"]["epochs"] and result["eval_samples"] == 2
+    if script == "extension_grpo.py":
+        state = torch.load(tmp_path / "grpo" / "checkpoints" / "last.pt", weights_only=False)
+        history = state["history"][-1]
+        assert history["kl_ref"] >= 0 and 0.0 <= history["clipfrac"] <= 1.0, history
+        # peft's LoRA starts with B = 0: a non-zero B is a trained adapter.
+        lora_b = [v for n, v in state["trainable"].items() if "lora_B" in n]
+        assert lora_b and any(bool(v.abs().sum() > 0) for v in lora_b)
+    assert (tmp_path / ("grpo/images/after.png" if script == "extension_grpo.py" else "before_after.png")).is_file()
+
+
+def _isolate_algorithm_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let an example register its algorithm into copies of the registries that the test's teardown drops."""
+    import importlib
+
+    config_module = importlib.import_module("diffusion_mdp.agents.config")
+    train_module = importlib.import_module("diffusion_mdp.agents.train")  # the package's `train` is the function
+
+    monkeypatch.setattr(train_module, "AGENTS", dict(train_module.AGENTS))
+    monkeypatch.setattr(config_module, "ALGORITHMS", config_module.ALGORITHMS)
+
+
+def test_grpo_extension_honours_gradient_accumulation(
+    reference_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example is a loss in the shared update loop: G = 2 minibatches make one AdamW step, not two."""
+    from diffusion_mdp.agents import make_agent
+    from diffusion_mdp.agents.config import build_config
+
+    _isolate_algorithm_registry(monkeypatch)
+    runpy.run_path(str(ROOT / "examples" / "extension_grpo.py"), run_name="extension_grpo")  # registers "grpo"
+    steps = {}
+    for accumulation in (1, 2):
+        config = build_config(
+            preset="tiny-shapes",
+            algorithm="grpo", advantage_mode="group", group_size=2, use_lora=True, kl_coef=0.01,
+            model=str(reference_pipeline), reward="jpeg_compressibility", name=f"g{accumulation}",
+            output_dir=str(tmp_path), num_epochs=1, num_steps=2, num_inner_epochs=1, samples_per_epoch=4,
+            sample_batch_size=4, train_batch_size=2, gradient_accumulation_steps=accumulation,
+            eval_num_samples=0, image_every=0, progress_bar=False, log_formats="csv", num_threads=1,
+        )  # fmt: skip
+        agent = make_agent(config)
+        agent.learn()
+        steps[accumulation] = agent.global_step
+        assert np.isfinite(agent.history[0]["loss"]) and agent.history[0]["kl_ref"] >= 0
+    assert steps == {1: 2, 2: 1}  # 2 minibatches of 2 trajectories

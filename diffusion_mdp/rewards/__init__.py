@@ -39,6 +39,10 @@ class RewardFn(Protocol):
     ) -> tuple[np.ndarray, dict[str, Any]]: ...
 
 
+class RewardError(RuntimeError):
+    """The reward function raised, or returned something that is not N finite numbers."""
+
+
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
 
 
@@ -58,7 +62,11 @@ def register_reward(name: str) -> Callable[[Callable[..., RewardFn]], Callable[.
 
 
 def available_rewards() -> list[str]:
-    """Names accepted by :func:`make_reward`, sorted."""
+    """Names accepted by :func:`make_reward`, sorted.
+
+    >>> "jpeg_compressibility" in available_rewards()
+    True
+    """
     _import_builtin_rewards()
     return sorted(_REGISTRY)
 
@@ -79,6 +87,15 @@ def make_reward(spec: str | RewardFn | Mapping[str, float], **kwargs: Any) -> Re
     Raises:
         ValueError: For an unknown name (the message lists the available ones) or an empty dict.
         TypeError: For anything else.
+
+    >>> def brightness(images, prompts, metadata):
+    ...     return images.reshape(len(images), -1).mean(axis=1) / 255.0, {}
+    >>> make_reward(brightness) is brightness  # a callable is used as it is
+    True
+    >>> make_reward("no_such_reward")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown reward 'no_such_reward'; available rewards: ...
     """
     if isinstance(spec, str) and spec.startswith(("http://", "https://")):
         from diffusion_mdp.rewards.server import RemoteReward  # a reward server (python -m ...rewards.server)
@@ -130,4 +147,4 @@ def _import_builtin_rewards() -> None:
         importlib.import_module("diffusion_mdp.rewards.shapes")
 
 
-__all__ = ["RewardFn", "WeightedSum", "available_rewards", "make_reward", "register_reward"]
+__all__ = ["RewardError", "RewardFn", "WeightedSum", "available_rewards", "make_reward", "register_reward"]

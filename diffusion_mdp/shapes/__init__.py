@@ -1,4 +1,4 @@
-"""tiny-shapes: procedural captioned shapes, the bundled text-to-image model and its captioner (issue 3).
+"""tiny-shapes: procedural captioned shapes, the bundled text-to-image model and its captioner.
 
 - :mod:`diffusion_mdp.shapes.dataset`: the image generator, captions and their parsing.
 - :mod:`diffusion_mdp.shapes.prompts`: the ``shapes_train``, ``shapes_heldout`` and ``shapes_counting``

@@ -1,0 +1,103 @@
+"""The one update loop every agent shares: passes over the epoch's samples, accumulation, clipping, AdamW.
+
+An algorithm is a loss on one step batch; this loop does the rest, once for all of them (CleanRL's
+``ppo_continuous_action.py`` writes the same loop inline; here DDPO-IS, DDPO-SF, RWR and the GRPO example
+share it). Per epoch e, with B = ``train_batch_size``, K = ``ceil(timestep_fraction · T)`` and
+G = :meth:`~Learner.accumulation_steps`::
+
+    A  = prepare_update(e)                         # the algorithm fills what its loss reads (advantages, …)
+    for inner in 1 .. num_inner_epochs:
+        for each minibatch of B trajectories       # shuffled across samples and, per trajectory, across time
+            for j in 1 .. K:                       # the j-th of each trajectory's own K steps
+                loss = step_loss(step j) / (K · G)
+                backward(loss)                     # accumulate: one step's activations in memory at a time
+            every G minibatches (and after the last): all-reduce, unscale, clip ‖g‖, AdamW step, zero
+
+so one optimizer step follows the mean loss over K timesteps × G minibatches (the paper: 256 samples,
+4 minibatches, 4 updates per epoch with G = 1; DDPO-SF sets G = the number of minibatches, one step per
+epoch). Every statistic a loss reports is averaged over the steps that report it; ``grad_norm`` is the mean
+pre-clip norm over the optimizer steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .buffer import DenoisingRolloutBuffer, StepBatch, TrajectoryMinibatch
+from .config import TrainConfig
+
+Stats = Mapping[str, Tensor | float]
+
+
+class Learner(Protocol):
+    """What the update loop reads of an agent (``DiffusionAgent`` provides all of it)."""
+
+    config: TrainConfig
+    buffer: DenoisingRolloutBuffer
+    first_step_metrics: ClassVar[tuple[str, ...]]
+
+    def prepare_update(self, epoch: int) -> dict[str, float]: ...
+
+    def step_loss(self, step: StepBatch, epoch: int) -> tuple[Tensor, Stats]: ...
+
+    def accumulation_steps(self, num_minibatches: int) -> int: ...
+
+    def shuffle_generator(self, epoch: int, inner_epoch: int) -> torch.Generator: ...
+
+    def backward(self, loss: Tensor) -> None: ...
+
+    def optimizer_step(self) -> float: ...
+
+
+def run_update(agent: Learner, epoch: int, step_optimizer: bool = True) -> dict[str, float]:
+    """Train ``agent`` on its filled buffer for one epoch (see the module docstring); return the metrics.
+
+    Args:
+        agent: The agent (its buffer holds the epoch's ``samples_per_epoch`` trajectories).
+        epoch: The epoch index e (0-based): seeds the shuffles and drives the schedules.
+        step_optimizer: False only accumulates the gradient in the parameters' ``.grad`` (no AdamW step, no
+            clipping): the raw policy gradient, for diagnostics.
+
+    Returns:
+        ``{"loss", <each statistic the loss reports>, "grad_norm", <prepare_update's metrics>,
+        "first_<name>" for each name in ``agent.first_step_metrics``}``, all floats.
+    """
+    cfg = agent.config
+    extra = agent.prepare_update(epoch)
+    logs: dict[str, list[float]] = {"loss": []}
+    first: dict[str, float] = {}
+    grad_norms: list[float] = []
+    for inner in range(cfg.num_inner_epochs):
+        generator = agent.shuffle_generator(epoch, inner)
+        minibatches: list[TrajectoryMinibatch] = list(
+            agent.buffer.get(cfg.train_batch_size, cfg.timestep_fraction, generator)
+        )
+        accumulation = agent.accumulation_steps(len(minibatches))
+        for mb_index, minibatch in enumerate(minibatches):
+            # 1/(K·G): the accumulated gradient is that of the mean loss over K timesteps × G minibatches.
+            scale = 1.0 / (minibatch.num_timesteps * accumulation)
+            for j in range(minibatch.num_timesteps):
+                loss, stats = agent.step_loss(minibatch.step(j), epoch)
+                agent.backward(loss * scale)
+                logs["loss"].append(float(loss.detach()))
+                for name, value in stats.items():
+                    number = float(value.detach() if isinstance(value, Tensor) else value)
+                    if name in agent.first_step_metrics:
+                        first.setdefault(f"first_{name}", number)
+                    else:
+                        logs.setdefault(name, []).append(number)
+            last = mb_index == len(minibatches) - 1
+            if step_optimizer and ((mb_index + 1) % accumulation == 0 or last):
+                grad_norms.append(agent.optimizer_step())
+    metrics = {name: float(np.mean(values)) for name, values in logs.items() if values}
+    if grad_norms:
+        metrics["grad_norm"] = float(np.mean(grad_norms))
+    return {**metrics, **extra, **first}
+
+
+__all__ = ["Learner", "Stats", "run_update"]
