@@ -106,6 +106,11 @@ class TrainConfig:
     """Passes over each epoch's samples (DDPO-IS and RWR; DDPO-SF requires 1)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's timesteps trained on (a random subset per sample)."""
+    sde_window_size: int = 0
+    """flow_grpo: train on a window of this many consecutive steps (flow-matching models also sample with the
+    SDE there only, the ODE elsewhere); 0: every step."""
+    sde_window_max_start: int = -1
+    """flow_grpo: each epoch's window starts at a step drawn uniformly from 0..this (-1: num_steps - size)."""
     learning_rate: float = 3e-4
     """AdamW learning rate (the paper: 3e-4 with LoRA)."""
     lr_schedule: str = "constant"
@@ -212,6 +217,12 @@ class TrainConfig:
         need(self.eta > 0, f"eta={self.eta} must be > 0: the policy must be stochastic to have log-probabilities")
         need(self.guidance_scale >= 1, f"guidance_scale={self.guidance_scale} must be >= 1 (1 disables guidance)")
         need(0 < self.timestep_fraction <= 1, f"timestep_fraction={self.timestep_fraction} must be in (0, 1]")
+        need(
+            0 <= self.sde_window_size <= self.num_steps
+            and self.sde_window_max_start <= self.num_steps - self.sde_window_size,
+            f"sde_window_size={self.sde_window_size} must be in 0..num_steps={self.num_steps} and "
+            f"sde_window_max_start={self.sde_window_max_start} at most num_steps - sde_window_size",
+        )
         need(
             0 <= self.sparse_rwr_percentile < 1,
             f"sparse_rwr_percentile={self.sparse_rwr_percentile} must be in [0, 1)",
