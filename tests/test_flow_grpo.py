@@ -85,8 +85,11 @@ def test_gradient_at_theta_old_is_reinforce_with_group_advantages(micro: Path, t
     log_prob, _ = agent.step_log_prob(step)
     reinforce = -(torch.as_tensor(expected.clip(-5, 5), dtype=log_prob.dtype)[step.indices] * log_prob).mean()
     reference = torch.autograd.grad(reinforce, agent.trainable, allow_unused=True)
-    flat = [torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, agent.trainable)])
-            for gs in (ours, reference)]  # fmt: skip
+    def flatten(grads: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        pairs = zip(grads, agent.trainable, strict=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in pairs])
+
+    flat = [flatten(ours), flatten(reference)]
     assert flat[1].abs().max() > 1e-8  # a real gradient, not two zeros
     torch.testing.assert_close(flat[0], flat[1], rtol=1e-4, atol=1e-4 * float(flat[1].abs().max()))
 
