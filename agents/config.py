@@ -50,7 +50,7 @@ class TrainConfig:
     output_dir: str = "runs"
     """Parent folder of run folders."""
     algorithm: str = "ddpo_is"
-    """One of ddpo_is (PPO-clip, importance sampling), ddpo_sf (REINFORCE), rwr, sparse_rwr."""
+    """One of ddpo_is (PPO-clip, importance sampling), ddpo_sf (REINFORCE), rwr, sparse_rwr, flow_grpo."""
     seed: int = 0
     """Seed of everything random (prompts, noise, shuffling); a run is reproducible on CPU."""
     device: str = "cpu"
