@@ -202,7 +202,7 @@ class DiffusionPolicy(nn.Module):
         """
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         if self.family == "flux":  # guidance-distilled: w is the network's guidance input, no CFG
-            return self._unet(latents, timesteps, prompt_embeds)
+            return self._family.forward(self, latents, timesteps, prompt_embeds, guidance_scale=w)
         if w == 1.0:
             return self._unet(latents, timesteps, prompt_embeds)
         uncond = self.unconditional_embeds(prompt_embeds)

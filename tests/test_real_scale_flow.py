@@ -114,6 +114,11 @@ def test_flux_policy_equals_the_diffusers_pipeline(flux_folder: Path):
             output_type="latent",
         ).images
     torch.testing.assert_close(ours, flux_family.unpack_latents(reference, 8, 8), atol=1e-5, rtol=1e-5)
+    # No unconditional branch: one call, the guidance scale is the network's input.
+    timesteps = schedule.timesteps[:2]
+    with torch.no_grad():
+        out_default, out_w1 = (policy.predict(noise, timesteps, packed, w) for w in (None, 1.0))
+    assert out_default.shape == noise.shape and not torch.allclose(out_default, out_w1)
     # The dynamic shift μ of the pipeline's schedule (16 packed tokens) is the one our schedule used.
     assert schedule.mu == pytest.approx(flux_family.image_seq_len(components) * (0.65 / 3840) + 0.5 - 256 * 0.65 / 3840)
 

@@ -118,15 +118,21 @@ def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-def forward(policy: Any, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor) -> Tensor:
-    """One transformer call (no CFG): the velocity ``(B, C, H, W)`` at x_σ ``(B, C, H, W)``, timesteps ``(B,)``."""
+def forward(
+    policy: Any, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor, guidance_scale: float | None = None
+) -> Tensor:
+    """One transformer call (no CFG): the velocity ``(B, C, H, W)`` at x_σ ``(B, C, H, W)``, timesteps ``(B,)``.
+
+    ``guidance_scale``: the embedded guidance (default: the policy's); ignored by models without it (schnell).
+    """
     transformer = policy.unet
     b, _, height, width = latents.shape
     hidden, pooled = unpack_pooled(prompt_embeds, int(transformer.config.pooled_projection_dim))
     t = model_time(policy, timesteps).to(latents.device, torch.float32)
     guidance = None
     if transformer.config.guidance_embeds:
-        guidance = torch.full((b,), policy.guidance_scale, device=latents.device, dtype=torch.float32)
+        w = policy.guidance_scale if guidance_scale is None else float(guidance_scale)
+        guidance = torch.full((b,), w, device=latents.device, dtype=torch.float32)
     out = transformer(
         hidden_states=pack_latents(latents),
         timestep=t / 1000,
