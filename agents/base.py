@@ -36,8 +36,8 @@ from stable_baselines3.common.utils import FloatSchedule, LinearSchedule
 from torch import Tensor
 
 import diffusion_mdp  # noqa: F401  (registers DenoisingMDP-v0)
-from diffusion_mdp.ddim import DDIMSchedule, ddim_step_with_logprob
 from diffusion_mdp.distributed import Distributed, sync_rollout_buffer
+from diffusion_mdp.families import is_flow, make_schedule, step_with_logprob
 from diffusion_mdp.mdp import RewardError, decode_latents
 from diffusion_mdp.models import DiffusionComponents
 from diffusion_mdp.policy import DiffusionPolicy
@@ -96,14 +96,25 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> None:
             param.data = param.data.float()
 
 
-def export_lora(unet: torch.nn.Module, folder: str | os.PathLike[str]) -> Path:
-    """Save the UNet's LoRA adapter in diffusers format (``StableDiffusionPipeline.load_lora_weights``)."""
+def export_lora(unet: torch.nn.Module, folder: str | os.PathLike[str], family: str = "sd") -> Path:
+    """Save the UNet's LoRA adapter in diffusers format (``StableDiffusionPipeline.load_lora_weights``).
+
+    SD3 / FLUX (``family``): the transformer's adapter, for ``StableDiffusion3Pipeline`` / ``FluxPipeline``'s
+    ``load_lora_weights``.
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     folder = Path(folder)
+    if is_flow(family):
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+        pipeline_class = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
+        layers = get_peft_model_state_dict(unet)
+        pipeline_class.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
+        return folder
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
     return folder
 
@@ -874,7 +885,7 @@ class DiffusionAgent:
         if not self.dist.is_main:
             return {"epochs": self.epoch, "run_dir": str(self.run_dir), "rank": self.dist.rank}
         if self.config.use_lora:
-            export_lora(self.unet, self.run_dir / "lora")
+            export_lora(self.unet, self.run_dir / "lora", str(getattr(self.components, "family", "sd")))
         else:  # full fine-tuning: the whole UNet, loadable with UNet2DConditionModel.from_pretrained(run / "unet")
             self.unet.save_pretrained(self.run_dir / "unet")
         plot_rewards(self.history, self.eval_history, self.run_dir / "reward_curve.png")
@@ -970,14 +981,15 @@ def sample_deterministic(
     """Deterministic DDIM (η = 0) from ``noise`` ``(B, C, h, w)``; returns x_0 ``(B, C, h, w)``.
 
     Uses a separate η = 0 schedule (the policy's own has η > 0; ``ddim_step_with_logprob`` then has no
-    log-prob, which evaluation does not need).
+    log-prob, which evaluation does not need). SD3 / FLUX: the flow ODE (noise level 0), fed the exact t.
     """
-    schedule = DDIMSchedule.from_scheduler(policy.components.scheduler, num_steps, eta=0.0)
+    schedule = make_schedule(policy.components, num_steps, 0.0)
     embeds = policy.encode_prompts(prompts)
     latents = noise
-    for t in schedule.timesteps:
+    times = getattr(schedule, "model_timesteps", schedule.timesteps)  # flow: exact float t, not the rounded one
+    for t in times:
         timesteps = t.repeat(len(latents)).to(latents.device)
         with autocast():
             output = policy.predict(latents, timesteps, embeds)
-        latents = ddim_step_with_logprob(schedule, output.float(), timesteps, latents).prev_sample
+        latents = step_with_logprob(schedule, output.float(), timesteps, latents).prev_sample
     return latents

@@ -52,7 +52,7 @@ class TrainConfig:
     output_dir: str = "runs"
     """Parent folder of run folders."""
     algorithm: str = "ddpo_is"
-    """One of ddpo_is (PPO-clip, importance sampling), ddpo_sf (REINFORCE), rwr, sparse_rwr."""
+    """One of ddpo_is (PPO-clip, importance sampling), ddpo_sf (REINFORCE), rwr, sparse_rwr, flow_grpo."""
     seed: int = 0
     """Seed of everything random (prompts, noise, shuffling); a run is reproducible on CPU."""
     device: str = "cpu"
@@ -115,6 +115,11 @@ class TrainConfig:
     """Passes over each epoch's samples (DDPO-IS and RWR; DDPO-SF requires 1)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's timesteps trained on (a random subset per sample)."""
+    sde_window_size: int = 0
+    """flow_grpo: train on a window of this many consecutive steps (flow-matching models also sample with the
+    SDE there only, the ODE elsewhere); 0: every step."""
+    sde_window_max_start: int = -1
+    """flow_grpo: each epoch's window starts at a step drawn uniformly from 0..this (-1: num_steps - size)."""
     learning_rate: float = 3e-4
     """AdamW learning rate (the paper: 3e-4 with LoRA)."""
     lr_schedule: str = "constant"
@@ -249,6 +254,14 @@ class TrainConfig:
             self.keep_checkpoints >= 2,
             "must be >= 2",
             "the checkpoint before the newest is the fallback if the newest is damaged",
+        check(
+            "sde_window_size",
+            0 <= self.sde_window_size <= self.num_steps
+            and self.sde_window_max_start <= self.num_steps - self.sde_window_size,
+            f"must be in 0..num_steps={self.num_steps}, with sde_window_max_start={self.sde_window_max_start} "
+            "at most num_steps - sde_window_size",
+            "0 trains every step; Flow-GRPO's window is a few steps (e.g. 2-4) starting at most at max_start",
+        )
         )
         for key in ("learning_rate", "adv_clip_max", "rwr_beta", "lora_alpha", "adam_epsilon", "reward_timeout"):
             check(key, getattr(self, key) > 0, "must be > 0")

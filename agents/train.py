@@ -20,6 +20,7 @@ from .base import DiffusionAgent, checkpoint_candidates, find_checkpoint, prompt
 from .config import ALGORITHMS, ConfigError, TrainConfig
 from .ddpo_is import DDPOIS
 from .ddpo_sf import DDPOSF
+from .flow_grpo import FlowGRPO
 from .rwr import RWR, SparseRWR
 
 AGENTS: dict[str, type[DiffusionAgent]] = {"ddpo_is": DDPOIS, "ddpo_sf": DDPOSF, "rwr": RWR, "sparse_rwr": SparseRWR}
@@ -65,6 +66,9 @@ def register_algorithm(name: str, cls: type[DiffusionAgent]) -> None:
         import diffusion_mdp.agents.config as config_module
 
         config_module.ALGORITHMS = (*config_module.ALGORITHMS, name)
+
+
+register_algorithm("flow_grpo", FlowGRPO)
 
 
 def make_agent(config: TrainConfig, components: Any = None) -> DiffusionAgent:

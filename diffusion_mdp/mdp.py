@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffusion_mdp.ddim import DDIMSchedule
+from diffusion_mdp.families import make_schedule
 from diffusion_mdp.models import DiffusionComponents, load_components
 from diffusion_mdp.prompts import PromptSet, load_prompts
 from diffusion_mdp.rewards import RewardError, RewardFn, make_reward  # RewardError: re-exported here
@@ -79,7 +79,8 @@ class DenoisingMDP:
         reward: A reward name, callable or ``{name: weight}`` dict (see ``make_reward``).
         prompts: A prompt-set name, list, text file or ``PromptSet``; None: the model's default set.
         num_steps: T, the number of denoising steps (episode length).
-        eta: DDIM η of the policy's steps (recorded in the schedule the policy reads).
+        eta: DDIM η of the policy's steps, or for SD3 / FLUX the flow SDE's noise level a (recorded in the
+            schedule the policy reads).
         device: Where latents live (the policy's device).
         components: Already loaded components to share (skips loading ``model``).
         reward_kwargs: Keyword arguments for a named reward's factory (e.g. ``{"device": "cuda"}``).
@@ -112,7 +113,8 @@ class DenoisingMDP:
         self.prompts = load_prompts(prompts)
         self.reward_fn = make_reward(reward, **dict(reward_kwargs or {}))
         self.reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", repr(reward))
-        self.schedule = DDIMSchedule.from_scheduler(self.components.scheduler, num_steps, eta)
+        # DDIM (η = eta) for UNet models; the flow SDE (noise level a = eta) for SD3 / FLUX.
+        self.schedule = make_schedule(self.components, num_steps, eta)
         self.latent_shape = self.components.latent_shape
         self.image_size = self.components.image_size
 

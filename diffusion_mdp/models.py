@@ -11,6 +11,10 @@ Stable Diffusion XL pipelines (``model_index.json`` naming ``StableDiffusionXLPi
 ``text_encoder_2/`` folder) also load their second text encoder and tokenizer; the policy then feeds the
 UNet the concatenated prompt embeddings, the pooled embedding and the size "time ids", as diffusers does.
 
+Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``) and FLUX (``FluxPipeline``) folders, detected from
+``model_index.json`` as well, load their transformer (kept in the ``unet`` field: it is the policy's network),
+text encoders and flow-matching scheduler; what differs per family lives in :mod:`diffusion_mdp.families`.
+
 Nothing is downloaded silently when offline: a missing model raises :class:`ModelNotAvailableError` with
 the model id and how to make it available.
 """
@@ -40,13 +44,16 @@ class DiffusionComponents:
     """The pieces of a Stable Diffusion pipeline that the MDP and the policy use.
 
     Attributes:
-        unet: ``UNet2DConditionModel``, the policy's network.
+        unet: The policy's network: ``UNet2DConditionModel``, or the transformer of SD3 / FLUX.
         vae: ``AutoencoderKL``; latents are ``vae.config.scaling_factor`` times its encodings.
         text_encoder: ``CLIPTextModel`` (frozen).
         tokenizer: ``CLIPTokenizer``.
-        scheduler: ``DDIMScheduler`` built from the pipeline's scheduler config.
+        scheduler: ``DDIMScheduler`` built from the pipeline's scheduler config (SD3 / FLUX: their
+            ``FlowMatchEulerDiscreteScheduler``).
         source: Where the model came from (name, folder or hub id), for logs and checkpoints.
         default_prompts: Name of the prompt set the model is meant for (``None``: the paper's animals).
+        family: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` (default: SDXL when there is a second text encoder).
+        text_encoder_3, tokenizer_3: SD3's T5 (None when the pipeline was saved without it).
     """
 
     unet: Any
@@ -60,15 +67,26 @@ class DiffusionComponents:
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = False
+    family: str | None = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = "sdxl" if self.text_encoder_2 is not None else "sd"
 
     @property
     def is_sdxl(self) -> bool:
         """Whether this is an SDXL pipeline (two text encoders, pooled embeddings and time ids)."""
-        return self.text_encoder_2 is not None
+        return self.family == "sdxl"
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of a latent x_t."""
+        if self.family in ("sd3", "flux"):
+            from diffusion_mdp.families import family_module
+
+            return family_module(self.family).latent_shape(self)
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (int(self.unet.config.in_channels), int(height), int(width))
@@ -82,7 +100,7 @@ class DiffusionComponents:
 
     def to(self, device: torch.device | str) -> DiffusionComponents:
         """Move every module to ``device`` (in place) and return self."""
-        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3):
             if module is not None:
                 module.to(device)
         return self
@@ -107,11 +125,17 @@ def resolve_model(model: str | os.PathLike[str] | None) -> tuple[str | Path, boo
     if path.exists() or os.fspath(model).startswith((".", "/", "~")):
         if not path.is_dir():
             raise FileNotFoundError(f"model folder {path} does not exist")
-        missing = [name for name in ("model_index.json", *PIPELINE_SUBFOLDERS) if not (path / name).exists()]
+        subfolders = PIPELINE_SUBFOLDERS
+        if (path / "transformer").is_dir():  # SD3 / FLUX
+            from diffusion_mdp.families import FLOW_SUBFOLDERS
+
+            subfolders = FLOW_SUBFOLDERS
+        missing = [name for name in ("model_index.json", *subfolders) if not (path / name).exists()]
         if missing:
             raise FileNotFoundError(
                 f"{path} is not a diffusers Stable Diffusion pipeline folder: missing {', '.join(missing)}. "
-                "Save one with `StableDiffusionPipeline.save_pretrained(folder)` (SDXL: StableDiffusionXLPipeline)."
+                "Save one with `StableDiffusionPipeline.save_pretrained(folder)` (SDXL: StableDiffusionXLPipeline, "
+                "SD3: StableDiffusion3Pipeline, FLUX: FluxPipeline)."
             )
         return path, True
     text = os.fspath(model)
@@ -181,6 +205,8 @@ def load_components(
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from diffusion_mdp.families import detect_family, family_module, is_flow
+
     location, is_local = resolve_model(model)
 
     def load(cls: Any, subfolder: str, **kwargs: Any) -> Any:
@@ -199,12 +225,20 @@ def load_components(
             f"could not load {subfolder}/ of model {location!r}: it is not in the local Hugging Face cache "
             f"and the hub is unreachable ({type(error).__name__}). On a machine with access run "
             f"`huggingface-cli download {location}` and copy the cache (~/.cache/huggingface), or "
-            "pass model=<local folder saved with StableDiffusionPipeline.save_pretrained> (or "
-            "StableDiffusionXLPipeline.save_pretrained for SDXL)."
+            "pass model=<local folder saved with StableDiffusionPipeline.save_pretrained> (or the "
+            "StableDiffusionXLPipeline / StableDiffusion3Pipeline / FluxPipeline one)."
         ) from error
 
     dtype_kw = {"torch_dtype": torch_dtype}
     index = load_model_index(location, is_local)
+    family = detect_family(index)
+    if is_flow(family):
+        fields = family_module(family).load(load, index, torch_dtype)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            if fields.get(name) is not None:
+                fields[name].requires_grad_(False).eval()
+        source = BUNDLED_MODEL if model is None or model == BUNDLED_MODEL else os.fspath(model)
+        return DiffusionComponents(source=source, family=family, **fields).to(device)
     sdxl = "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index
     unet = load(UNet2DConditionModel, "unet", **dtype_kw)
     vae = load(AutoencoderKL, "vae", **dtype_kw)

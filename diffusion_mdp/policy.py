@@ -19,6 +19,11 @@ diffusers' ``encode_prompt`` returns), row ``L`` holds the pooled embedding zero
 :meth:`DiffusionPolicy.predict` unpacks it; the time ids are the image size with no crop, as the pipeline's
 defaults. With ``force_zeros_for_empty_prompt`` (SDXL base), the unconditional branch of classifier-free
 guidance uses all-zero embeddings, as diffusers does.
+
+SD3 and FLUX (flow matching): the network is their transformer, the step is the flow SDE of
+:mod:`diffusion_mdp.flow` (the schedule's kind decides), and prompts are encoded and fed as in their
+diffusers pipelines by :mod:`diffusion_mdp.families.sd3` / :mod:`diffusion_mdp.families.flux`. FLUX is
+guidance-distilled: ``guidance_scale`` is its embedded guidance input and there is no unconditional branch.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffusion_mdp.ddim import DDIMSchedule, DDIMStepOutput, LogProbReduction, ddim_step_with_logprob
+from diffusion_mdp.ddim import DDIMSchedule, DDIMStepOutput, LogProbReduction
+from diffusion_mdp.families import family_module, is_flow, step_with_logprob
+from diffusion_mdp.flow import FlowMatchSchedule, FlowStepOutput
 from diffusion_mdp.models import DiffusionComponents
 
 
@@ -40,7 +47,7 @@ class DiffusionPolicy(nn.Module):
 
     Args:
         components: The loaded model (only ``unet``, ``text_encoder`` and ``tokenizer`` are used).
-        schedule: The MDP's DDIM schedule (``env.unwrapped.schedule``); it fixes σ_t and the timesteps.
+        schedule: The MDP's schedule (``env.unwrapped.schedule``): DDIM, or the flow SDE's for SD3 / FLUX.
         guidance_scale: Classifier-free guidance weight w (1 disables guidance; the paper uses 5).
         log_prob_reduction: ``"mean"`` (DDPO's convention) or ``"sum"`` over latent dimensions.
 
@@ -61,7 +68,7 @@ class DiffusionPolicy(nn.Module):
     def __init__(
         self,
         components: DiffusionComponents,
-        schedule: DDIMSchedule,
+        schedule: DDIMSchedule | FlowMatchSchedule,
         guidance_scale: float = 5.0,
         log_prob_reduction: LogProbReduction = "mean",
     ) -> None:
@@ -79,6 +86,13 @@ class DiffusionPolicy(nn.Module):
         self.log_prob_reduction: LogProbReduction = log_prob_reduction
         self._prompt_cache: dict[str, Tensor] = {}
         self.is_sdxl = bool(getattr(components, "is_sdxl", False))
+        self.family = str(getattr(components, "family", "sd"))
+        # SD3 / FLUX: family-specific prompt encoding and network call (diffusion_mdp.families).
+        self._family = family_module(self.family) if is_flow(self.family) else None
+        if self._family is not None:
+            for name in ("text_encoder_2", "text_encoder_3"):
+                if getattr(components, name, None) is not None:
+                    self._frozen[name] = getattr(components, name)
         if self.is_sdxl:
             self._frozen["text_encoder_2"] = components.text_encoder_2
             self.tokenizer_2 = components.tokenizer_2
@@ -109,7 +123,10 @@ class DiffusionPolicy(nn.Module):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             self._warn_truncated(missing)
-            embeds = self._encode_sdxl(missing) if self.is_sdxl else self._encode(missing)
+            if self._family is not None:
+                embeds = self._family.encode(self, missing)
+            else:
+                embeds = self._encode_sdxl(missing) if self.is_sdxl else self._encode(missing)
             for prompt, embed in zip(missing, embeds, strict=True):
                 self._prompt_cache[prompt] = embed
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
@@ -198,6 +215,8 @@ class DiffusionPolicy(nn.Module):
             ``(B, C, h, w)``.
         """
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if self.family == "flux":  # guidance-distilled: w is the network's guidance input, no CFG
+            return self._family.forward(self, latents, timesteps, prompt_embeds, guidance_scale=w)
         if w == 1.0:
             return self._unet(latents, timesteps, prompt_embeds)
         uncond = self.unconditional_embeds(prompt_embeds)
@@ -209,6 +228,8 @@ class DiffusionPolicy(nn.Module):
 
     def _unet(self, latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor) -> Tensor:
         """One UNet call; for SDXL, with the pooled embeddings and time ids as ``added_cond_kwargs``."""
+        if self._family is not None:
+            return self._family.forward(self, latents, timesteps, prompt_embeds)
         if not self.is_sdxl:
             return self.unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample
         hidden, pooled = self.unpack_sdxl(prompt_embeds)
@@ -221,8 +242,8 @@ class DiffusionPolicy(nn.Module):
         obs: Mapping[str, Any],
         actions: Tensor | np.ndarray | None = None,
         generator: torch.Generator | None = None,
-    ) -> DDIMStepOutput:
-        """The DDIM step at ``obs``: samples an action (``actions=None``) or scores the given ones.
+    ) -> DDIMStepOutput | FlowStepOutput:
+        """The policy's step at ``obs``: samples an action (``actions=None``) or scores the given ones.
 
         Gradients flow to the UNet through the mean (use ``torch.no_grad()`` for rollouts).
         """
@@ -230,7 +251,7 @@ class DiffusionPolicy(nn.Module):
         model_output = self.predict(latents, timesteps, embeds)
         if actions is not None:
             actions = torch.as_tensor(actions, device=latents.device, dtype=latents.dtype)
-        return ddim_step_with_logprob(
+        return step_with_logprob(
             self.schedule,
             model_output.to(latents.dtype),
             timesteps,

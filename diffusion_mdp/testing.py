@@ -218,3 +218,160 @@ def build_reference_tiny_sdxl_pipeline(save_directory: str | os.PathLike[str], s
     config.update(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
     config_path.write_text(json.dumps(config, indent=2))
     return path
+
+
+def build_word_t5_tokenizer(words: tuple[str, ...] = REFERENCE_WORDS, model_max_length: int = 16) -> Any:
+    """A T5 tokenizer (unigram, ``tokenizer.json`` only: no sentencepiece) whose words are single tokens."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("▁" + word, -1.0) for word in dict.fromkeys(words)]
+    vocab += [(char, -5.0) for char in string.ascii_lowercase + string.digits + "▁"]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5(tokenizer: Any, width: int) -> Any:
+    """A one-layer ``T5EncoderModel`` of ``width`` for ``tokenizer``."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=width, d_ff=2 * width, d_kv=width // 2, num_layers=1, num_heads=2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def build_reference_tiny_sd3_pipeline(save_directory: str | os.PathLike[str], seed: int = 0, t5: bool = True) -> Path:
+    """Build a tiny pipeline with Stable Diffusion 3's structure and save it as a diffusers folder.
+
+    What makes it SD3: an ``SD3Transformer2DModel`` (MMDiT, patch 2) on 16-channel latents; CLIP-L and CLIP-G
+    stand-ins (two ``CLIPTextModelWithProjection`` of width 16, projections 16 + 16 = the pooled width 32), whose
+    penultimate states (16 + 16) are padded to the joint width 48 of a T5 stand-in (``T5EncoderModel``, or
+    none with ``t5=False``, as diffusers allows); SD3's VAE scaling and shift factors; a
+    ``FlowMatchEulerDiscreteScheduler`` with shift 3. Images 16×16, latents 16×8×8, random weights.
+
+    Returns:
+        The folder, loadable with ``load_components`` or ``StableDiffusion3Pipeline.from_pretrained``.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    dims = SIZES["micro"]
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(REFERENCE_WORDS, model_max_length=dims.max_length)
+    tokenizer_2 = build_word_tokenizer(REFERENCE_WORDS, model_max_length=dims.max_length)
+    text_encoder = CLIPTextModelWithProjection(tiny_text_config(tokenizer, dims, projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, dims, projection_dim=16))
+    tokenizer_3 = build_word_t5_tokenizer() if t5 else None
+    text_encoder_3 = tiny_t5(tokenizer_3, 48) if t5 else None
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        out_channels=16,
+        pos_embed_max_size=8,
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=dims.vae_channels,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=dims.norm_groups,
+        sample_size=dims.image_size,
+        scaling_factor=1.5305,  # SD3's
+        shift_factor=0.0609,
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    path = Path(save_directory)
+    pipeline.save_pretrained(path)
+    return path
+
+
+def build_reference_tiny_flux_pipeline(
+    save_directory: str | os.PathLike[str], seed: int = 0, guidance_embeds: bool = True
+) -> Path:
+    """Build a tiny pipeline with FLUX.1's structure and save it as a diffusers folder.
+
+    What makes it FLUX: a ``FluxTransformer2DModel`` (one double- and one single-stream block, rotary axes
+    4 + 6 + 6) on 2×2-packed 16-channel latents (64 features a token), the guidance embedding of FLUX.1-dev
+    (``guidance_embeds=False``: schnell), a ``CLIPTextModel`` whose pooled output (16) is the pooled projection
+    and a T5 stand-in (width 32) for the token embeddings, FLUX's VAE factors without quant convs, and the
+    dynamically shifted ``FlowMatchEulerDiscreteScheduler``. Images 16×16, latents 16×8×8, random weights.
+
+    Returns:
+        The folder, loadable with ``load_components`` or ``FluxPipeline.from_pretrained``.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    dims = SIZES["micro"]
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(REFERENCE_WORDS, model_max_length=dims.max_length)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, dims))
+    tokenizer_2 = build_word_t5_tokenizer()
+    text_encoder_2 = tiny_t5(tokenizer_2, 32)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=dims.text_width,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=dims.vae_channels,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=dims.norm_groups,
+        sample_size=dims.image_size,
+        scaling_factor=0.3611,  # FLUX.1's
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipeline = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    path = Path(save_directory)
+    pipeline.save_pretrained(path)
+    return path

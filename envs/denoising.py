@@ -22,7 +22,8 @@ def observation_space_for(mdp: DenoisingMDP) -> spaces.Dict:
     return spaces.Dict(
         {
             "latent": spaces.Box(-LATENT_BOUND, LATENT_BOUND, mdp.latent_shape, dtype=np.float32),
-            "timestep": spaces.Discrete(mdp.schedule.num_train_timesteps),
+            # Flow-matching schedules start at t = num_train_timesteps (σ = 1): one more value.
+            "timestep": spaces.Discrete(max(mdp.schedule.num_train_timesteps, int(mdp.schedule.timesteps.max()) + 1)),
             "prompt": spaces.Text(max_length=mdp.prompts.max_length, charset=PROMPT_CHARSET),
             "prompt_id": spaces.Discrete(len(mdp.prompts)),
         }

@@ -1,0 +1,159 @@
+"""Flow-GRPO (Liu et al. 2025): group advantages, PPO-clip on per-step ratios, a KL leash, an SDE window.
+
+Flow-GRPO trains flow-matching models (SD3, FLUX) through the SDE of ``diffusion_mdp/flow.py``, whose steps
+are Gaussian policies like DDIM's; the loss is GRPO's. For each prompt c, k trajectories are sampled
+(``advantage_mode="group"``, ``group_size=k``) and each step (s_t, a_t) of trajectory i gets
+
+    A_i      = (r_i - mean_{j in group(c)} r_j) / (std_{j in group(c)} r_j + 1e-6)       (group advantage)
+    ratio_t  = π_θ(a_t | s_t) / π_old(a_t | s_t)
+    L        = E_t[ max(-A_i ratio_t, -A_i clip(ratio_t, 1 ± ε)) ] + β E_t[ KL(π_θ(· | s_t) ‖ π_ref(· | s_t)) ]
+
+with π_ref the pre-trained model (the network with its LoRA adapter disabled) and, both policies being
+Gaussians of the same std at a step, KL = ‖μ_θ - μ_ref‖² / (2 std²) (mean over latent dimensions, like the
+log-probs). Advantages are clipped to ± ``adv_clip_max``; β = ``kl_coef``, ε = ``clip_range``.
+
+**The SDE window** (Flow-GRPO-Fast; MixGRPO slides it). With ``sde_window_size = K > 0`` each epoch draws a
+window of K consecutive steps (start uniform in 0..``sde_window_max_start``, seeded by (seed, epoch)); only
+those steps are trained on. On flow-matching models the rollouts also sample with the SDE on the window and
+the deterministic ODE elsewhere (fewer noisy steps, sharper credit assignment). DDIM models have one η for
+all steps, so there the window selects the trained steps and sampling stays stochastic throughout.
+
+The rollouts, minibatching, optimizer step, checkpoints and evaluation are the base class's; this file is the
+loss (:func:`flow_grpo_loss`) and the window.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import DiffusionAgent, derived_seed
+from .config import ConfigError
+from .ddpo_is import ppo_clip_loss
+
+_WINDOW_TAG = 7  # seed stream of the per-epoch window start (the base class's tags use 0..6)
+
+
+def flow_grpo_loss(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    advantages: Tensor,
+    clip_range: float,
+    kl: Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Flow-GRPO's loss on one step of b trajectories: PPO-clip on the ratio plus β · KL to the reference.
+
+    Args:
+        log_probs: ``(b,)`` log π_θ(a_t | s_t) (with gradients).
+        old_log_probs: ``(b,)`` log π_old(a_t | s_t) from sampling time.
+        advantages: ``(b,)`` the group advantages A_i.
+        clip_range: ε.
+        kl: ``(b,)`` KL(π_θ ‖ π_ref) at this step (with gradients), or None when ``kl_coef`` is 0.
+        kl_coef: β.
+
+    Returns:
+        ``(loss, stats)``: the scalar loss and detached scalars ``policy_loss``, ``kl``, ``ratio``,
+        ``approx_kl``, ``clipfrac``.
+
+    >>> loss, stats = flow_grpo_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, -1.0]), 0.2,
+    ...                              kl=torch.tensor([0.5, 1.5]), kl_coef=0.1)
+    >>> round(float(loss), 4), float(stats["ratio"])  # ratio 1: the surrogate is -mean(A) = 0, plus 0.1 · 1
+    (0.1, 1.0)
+    """
+    policy_loss, stats = ppo_clip_loss(log_probs, old_log_probs, advantages, clip_range)
+    loss = policy_loss
+    kl_mean = torch.zeros((), device=log_probs.device)
+    if kl is not None and kl_coef > 0:
+        kl_mean = kl.mean()
+        loss = loss + kl_coef * kl_mean
+    stats = {**stats, "policy_loss": policy_loss.detach(), "kl": kl_mean.detach()}
+    return loss, stats
+
+
+class FlowGRPO(DiffusionAgent):
+    """Flow-GRPO on any model of the library (flow matching: SDE window sampling; DDIM: window training)."""
+
+    algorithm: ClassVar[str] = "flow_grpo"
+
+    def __init__(self, config: Any, components: Any = None) -> None:
+        if config.advantage_mode != "group":
+            raise ConfigError(
+                "flow_grpo compares the k samples of each prompt: set advantage_mode='group' and group_size=k"
+            )
+        super().__init__(config, components)
+        self.base_schedule = self.policy.schedule
+        self.window = (0, self.config.num_steps)
+
+    # ------------------------------------------------------------------------------------------
+    # The SDE window
+    # ------------------------------------------------------------------------------------------
+    def window_for_epoch(self, epoch: int) -> tuple[int, int]:
+        """``(start, stop)`` of the epoch's trained steps (every step without a window)."""
+        cfg = self.config
+        if cfg.sde_window_size == 0:
+            return (0, cfg.num_steps)
+        last = cfg.sde_window_max_start if cfg.sde_window_max_start >= 0 else cfg.num_steps - cfg.sde_window_size
+        rng = np.random.default_rng(derived_seed(cfg.seed, _WINDOW_TAG, epoch))
+        start = int(rng.integers(last + 1))
+        return (start, start + cfg.sde_window_size)
+
+    def collect_rollouts(self, epoch: int) -> dict[str, Any]:
+        """The base class's rollouts, with the SDE on this epoch's window only (flow-matching models)."""
+        self.window = self.window_for_epoch(epoch)
+        if hasattr(self.base_schedule, "with_sde_window") and self.config.sde_window_size > 0:
+            start, stop = self.window
+            schedule = self.base_schedule.with_sde_window(start, stop - start)
+            self.policy.schedule = self.mdp.schedule = schedule
+        stats = super().collect_rollouts(epoch)
+        return {**stats, "window_start": float(self.window[0])}
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------
+    def train_on_rollouts(self, epoch: int) -> dict[str, float]:
+        cfg, buffer = self.config, self.buffer
+        # 1. Group advantages A_i, the same for every step of trajectory i (the normalizer is in group mode).
+        buffer.compute_returns_and_advantage(self.normalizer, cfg.adv_clip_max)
+        clip_range = self.current_clip_range(epoch)
+        start, stop = self.window
+        logs: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kl_ref", "approx_kl", "clipfrac")}
+        logs["grad_norm"] = []
+        first_ratio = float("nan")
+        for inner in range(cfg.num_inner_epochs):
+            generator = self.shuffle_generator(epoch, inner)
+            minibatches = list(buffer.get(cfg.train_batch_size, 1.0, generator))
+            # 2. The window's steps, in an independent random order per trajectory (ceil(fraction · K) of them).
+            num_train = max(1, int(np.ceil(cfg.timestep_fraction * (stop - start))))
+            order = start + torch.argsort(torch.rand((buffer.num_trajectories, stop - start), generator=generator), 1)
+            for mb_index, minibatch in enumerate(minibatches):
+                minibatch.step_order = order[minibatch.indices.cpu(), :num_train].to(minibatch.indices.device)
+                scale = 1.0 / (minibatch.num_timesteps * cfg.gradient_accumulation_steps)
+                for j in range(minibatch.num_timesteps):
+                    step = minibatch.step(j)
+                    # 3. log π_θ at the stored action; the KL needs π_ref's mean at the same state.
+                    log_prob, out = self.step_log_prob(step)
+                    kl = self.kl_to_reference(step, out) if cfg.kl_coef > 0 else None
+                    loss, stats = flow_grpo_loss(
+                        log_prob, step.old_log_probs, step.advantages, clip_range, kl, cfg.kl_coef
+                    )
+                    self.backward(loss * scale)
+                    logs["loss"].append(float(loss.detach()))
+                    logs["policy_loss"].append(float(stats["policy_loss"]))
+                    logs["kl_ref"].append(float(stats["kl"]))
+                    logs["approx_kl"].append(float(stats["approx_kl"]))
+                    logs["clipfrac"].append(float(stats["clipfrac"]))
+                    if inner == 0 and mb_index == 0 and j == 0:
+                        first_ratio = float(stats["ratio"])  # 1: the same policy sampled these actions
+                last = mb_index == len(minibatches) - 1
+                if (mb_index + 1) % cfg.gradient_accumulation_steps == 0 or last:
+                    logs["grad_norm"].append(self.optimizer_step())
+        metrics = {key: float(np.mean(values)) for key, values in logs.items() if values}
+        metrics.update(clip_range=clip_range, first_ratio=first_ratio)
+        return metrics
+
+
+__all__ = ["FlowGRPO", "flow_grpo_loss"]
