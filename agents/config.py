@@ -254,6 +254,7 @@ class TrainConfig:
             self.keep_checkpoints >= 2,
             "must be >= 2",
             "the checkpoint before the newest is the fallback if the newest is damaged",
+        )
         check(
             "sde_window_size",
             0 <= self.sde_window_size <= self.num_steps
@@ -261,7 +262,6 @@ class TrainConfig:
             f"must be in 0..num_steps={self.num_steps}, with sde_window_max_start={self.sde_window_max_start} "
             "at most num_steps - sde_window_size",
             "0 trains every step; Flow-GRPO's window is a few steps (e.g. 2-4) starting at most at max_start",
-        )
         )
         for key in ("learning_rate", "adv_clip_max", "rwr_beta", "lora_alpha", "adam_epsilon", "reward_timeout"):
             check(key, getattr(self, key) > 0, "must be > 0")
