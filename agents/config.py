@@ -96,6 +96,9 @@ class TrainConfig:
     """group: samples per prompt (must divide sample_batch_size)."""
     adv_clip_max: float = 5.0
     """Advantages are clipped to ± this."""
+    adv_std_floor: float = 0.0
+    """Advantages divide by max(σ, this) (reward units; 0: the paper's plain σ). A floor keeps a saturated
+    reward's noise (prompt alignment at ~0.95) from becoming full-size advantages."""
 
     # --- optimisation ----------------------------------------------------------------------------
     train_batch_size: int = 8
@@ -241,6 +244,7 @@ class TrainConfig:
                 f"advantage_mode='group' needs group_size >= 2 dividing sample_batch_size="
                 f"{self.sample_batch_size} (got group_size={self.group_size})",
             )
+        need(self.adv_std_floor >= 0, f"adv_std_floor={self.adv_std_floor} must be >= 0 (0 disables the floor)")
         if self.algorithm == "ddpo_sf":
             need(
                 self.num_inner_epochs == 1,

@@ -34,9 +34,10 @@ def main() -> None:
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
     parser.add_argument("--seed", type=int, default=1000, help="seed of the first batch's noise")
     parser.add_argument("--save", default="", help="write the images and verdicts to this .npz")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     args = parser.parse_args()
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     pipe = load_pipeline(model_path())
     label = "base model"
     if args.run:
