@@ -491,7 +491,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "advantage_mode": "per_prompt",
         "stat_buffer_size": 32,
         "stat_min_count": 8,
-        "learning_rate": 2e-5,
+        "learning_rate": 3e-5,
         "clip_range": 1e-4,
         "use_lora": False,
         "save_every": 5,
