@@ -337,7 +337,9 @@ class DiffusionAgent:
             if cfg.clip_range_schedule == "linear"
             else cfg.clip_range
         )
-        self.normalizer = AdvantageNormalizer(cfg.advantage_mode, cfg.stat_buffer_size, cfg.stat_min_count)
+        self.normalizer = AdvantageNormalizer(
+            cfg.advantage_mode, cfg.stat_buffer_size, cfg.stat_min_count, std_floor=cfg.adv_std_floor
+        )
         embed_shape = tuple(self.policy.encode_prompts([""]).shape[1:])
         self.buffer = DenoisingRolloutBuffer(
             cfg.num_steps, cfg.samples_per_epoch, self.components.latent_shape, embed_shape, self.device

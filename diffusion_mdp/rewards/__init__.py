@@ -145,6 +145,7 @@ def _import_builtin_rewards() -> None:
 
     if importlib.util.find_spec("diffusion_mdp.rewards.shapes") is not None:  # tiny-shapes captioner rewards
         importlib.import_module("diffusion_mdp.rewards.shapes")
+        importlib.import_module("diffusion_mdp.rewards.shapes_geneval")
 
 
 __all__ = ["RewardError", "RewardFn", "WeightedSum", "available_rewards", "make_reward", "register_reward"]

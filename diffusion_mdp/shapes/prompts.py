@@ -4,6 +4,10 @@
 - ``shapes_heldout``: the colour–shape pairs never seen in training (3 pairs × counts 1–4), to measure
   generalisation to unseen compositions.
 - ``shapes_counting``: the training pairs with counts 2–4 only, where counting is the hard part.
+- ``shapes_four`` / ``shapes_four_heldout``: "four …" on the training pairs (15 prompts) and on the unseen
+  pairs (3 prompts), the task with headroom: the bundled model often draws three or five shapes, or a
+  merged or two-coloured one, which the ``shapes_geneval`` judge catches (the captioner's count head stops
+  at four, so it reads five shapes as four).
 
 Each prompt's metadata is ``{"count": int, "colour": str, "shape": str}``, read by the alignment rewards.
 
@@ -13,6 +17,8 @@ Each prompt's metadata is ``{"count": int, "colour": str, "shape": str}``, read 
 (12, 'a blue triangle', {'count': 1, 'colour': 'blue', 'shape': 'triangle'})
 >>> len(load_prompts("shapes_train")), len(load_prompts("shapes_counting"))
 (60, 45)
+>>> load_prompts("shapes_four_heldout").prompts
+['four blue triangles', 'four yellow circles', 'four purple squares']
 """
 
 from __future__ import annotations
@@ -42,3 +48,16 @@ def shapes_heldout() -> PromptSet:
 def shapes_counting() -> PromptSet:
     """Training pairs with 2–4 shapes (45 prompts)."""
     return _prompt_set([s for s in all_specs(TRAIN_COMBOS) if s.count > 1], "shapes_counting")
+
+
+@register_prompt_set("shapes_four")
+def shapes_four() -> PromptSet:
+    """Four shapes of each training pair (15 prompts)."""
+    return _prompt_set([s for s in all_specs(TRAIN_COMBOS) if s.count == 4], "shapes_four")
+
+
+@register_prompt_set("shapes_four_heldout")
+def shapes_four_heldout() -> PromptSet:
+    """Four shapes of each unseen pair (3 prompts)."""
+    heldout = tuple(cs for cs in ALL_COMBOS if cs in HELDOUT_COMBOS)
+    return _prompt_set([s for s in all_specs(heldout) if s.count == 4], "shapes_four_heldout")
