@@ -22,7 +22,7 @@ def test_tiny_gpu_benchmark_reports_every_field(tmp_path: Path) -> None:
         "--device",
         "cpu",
         "--modes",
-        "lora,full",
+        "lora",
         "--precisions",
         "bf16",
         "--json",
@@ -36,20 +36,15 @@ def test_tiny_gpu_benchmark_reports_every_field(tmp_path: Path) -> None:
     finally:
         sys.path.remove(str(SCRIPT.parent))
     rows = json.loads(out.read_text())
-    assert [(r["mode"], r["gradient_checkpointing"]) for r in rows] == [
-        ("lora", False),
-        ("lora", True),
-        ("full", False),
-        ("full", True),
-    ]
+    assert [(r["mode"], r["gradient_checkpointing"]) for r in rows] == [("lora", False), ("lora", True)]
     for row in rows:
         assert set(row) == set(FIELDS)
         for key in ("sampling_images_per_s", "train_step_s", "training_s_per_epoch", "peak_memory_mib"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         # the extrapolated epoch is at least the training passes it is made of
         assert row["training_s_per_epoch"] >= 256 / 2 * 3 * row["train_step_s"] * (1 - 1e-9)
-    table = [line for line in proc.stdout.splitlines() if line.startswith("| lora") or line.startswith("| full")]
-    assert len(table) == 4
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| lora")]
+    assert len(table) == 2
 
 
 if __name__ == "__main__":
