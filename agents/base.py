@@ -475,6 +475,30 @@ class DiffusionAgent:
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def collect_rollouts(self, epoch: int) -> dict[str, Any]:
+        """Fill the buffer with ``samples_per_epoch`` trajectories of the current policy (see ``_collect_rollouts``)."""
+        with self._sampling_weights():
+            return self._collect_rollouts(epoch)
+
+    @contextlib.contextmanager
+    def _sampling_weights(self) -> Iterator[None]:
+        """With ``merge_lora_for_sampling``: the LoRA merged into its base weights, which are restored after."""
+        if not (self.config.merge_lora_for_sampling and self.config.use_lora):
+            yield
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+        saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+        for layer in layers:
+            layer.merge()
+        try:
+            yield
+        finally:  # restore the exact base weights: unmerging (W + BA) - BA would drift by rounding every epoch
+            for layer, weight in zip(layers, saved, strict=True):
+                layer.get_base_layer().weight.data.copy_(weight)
+                layer.merged_adapters.clear()
+
+    def _collect_rollouts(self, epoch: int) -> dict[str, Any]:
         """Fill the buffer with ``samples_per_epoch`` trajectories of the current policy; return reward stats.
 
         Raises:

@@ -166,6 +166,9 @@ class TrainConfig:
     """no, bf16, fp16 (CUDA only) or auto (bf16 where supported). Trainable weights stay float32."""
     channels_last: bool = False
     """Run the UNet with channels_last memory format."""
+    merge_lora_for_sampling: bool = False
+    """Merge the LoRA into the attention weights while sampling (the rollouts skip the adapter's extra matmuls)
+    and restore the saved base weights after; log-probs then differ from training's in the last float bits."""
     gradient_checkpointing: bool = False
     """Recompute the UNet's activations in the backward pass (less memory, ~30% slower training steps)."""
     use_8bit_adam: bool = False

@@ -1,23 +1,30 @@
-"""DDPO-IS epoch cost on the reference workload, against the UNet compute floor measured in the same run.
+"""DDPO-IS epoch cost of this project's agent against the plain loop (``plain_ddpo.py``), measured in one run.
 
-Reference workload: the reference tiny pipeline (random weights, latents 4×32×32), 20 DDIM steps, η = 1,
-CFG 5, 16 samples per epoch in 2 batches of 8, train batch 8, LoRA r = 4, lr 3e-4, one inner epoch, JPEG
-compressibility.
+Reference workload: 20 DDIM steps, η = 1, CFG 5, 16 samples per epoch in 2 batches of 8, train batch 8,
+LoRA r = 4, lr 3e-4, one inner epoch, JPEG compressibility; on three models (``bench_models.py``): the
+reference tiny pipeline, the bundled tiny-shapes model, and a tiny SD pipeline with attention at the lower
+resolution only.
 
-For each setting (fp32; bf16 autocast; channels_last; ...) it prints seconds per epoch split into sampling
-(UNet + DDIM + decode), reward and training, ms per sample-timestep, peak RSS, the ratio of the epoch to the
-compute floor, and the log-prob ratio π_θ/π_old at the first minibatch (must be 1 ± 1e-3: sampling and
-training must compute the same log-probs). The floor is bare ``unet(...)`` calls at the same batch (16 = 8
-samples × 2 CFG branches): 40 forwards for sampling + 40 forward+backward for training.
+Every (model, setting) runs in its own subprocess (so that its peak RSS is its own and no allocator state
+carries over), ``--epochs`` epochs of which the first is a warm-up; the settings are interleaved: round r
+runs every setting of every model once before round r + 1 starts. It prints, per model and setting, the
+median over rounds of the epoch time (sampling without the reward + reward + training), the median of the
+per-round ratio to the plain loop's epoch *of the same round*, the importance ratio π_θ/π_old at the first
+minibatch (must be 1 ± 1e-3: sampling and training must compute the same log-probs), and the peak RSS.
+The machine is shared: quote the ratios, not the seconds, and the load it prints.
 
-    python benchmarks/agent_benchmark.py                       # all settings, 2 epochs each (1st = warm-up)
-    python benchmarks/agent_benchmark.py --settings fp32,bf16 --epochs 2 --threads 2
+    python benchmarks/agent_benchmark.py                          # every model and setting, 2 rounds
+    python benchmarks/agent_benchmark.py --models tiny-shapes --settings plain,fp32,bf16 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,11 +33,28 @@ from typing import Any
 import numpy as np
 import torch
 
-SETTINGS: dict[str, dict[str, Any]] = {
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_models import MODELS, PROMPTS, build_model
+
+# "plain" is the baseline loop of plain_ddpo.py; the others are TrainConfig changes of this project's agent.
+SETTINGS: dict[str, dict[str, Any] | None] = {
+    "plain": None,
     "fp32": {},
     "bf16": {"mixed_precision": "bf16"},
-    "channels_last": {"channels_last": True},
     "bf16+channels_last": {"mixed_precision": "bf16", "channels_last": True},
+    "merged": {"merge_lora_for_sampling": True},
+    "bf16+merged": {"mixed_precision": "bf16", "merge_lora_for_sampling": True},
+}
+DEFAULT_SETTINGS = ("plain", "fp32", "merged", "bf16", "bf16+merged")
+WORKLOAD = {
+    "num_steps": 20,
+    "eta": 1.0,
+    "guidance_scale": 5.0,
+    "samples_per_epoch": 16,
+    "sample_batch_size": 8,
+    "train_batch_size": 8,
+    "lora_rank": 4,
+    "learning_rate": 3e-4,
 }
 
 
@@ -38,56 +62,35 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def unet_floor(agent: Any, batch: int, repeats: int = 3) -> tuple[float, float]:
-    """Seconds of one bare UNet forward, and of one forward+backward (LoRA grads), at ``batch`` (median)."""
-    unet = agent.unet
-    shape = agent.components.latent_shape
-    x = torch.randn(batch, *shape)
-    if agent.config.channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    t = torch.full((batch,), 500)
-    embeds = agent.policy.encode_prompts([""] * batch)
-    fwd, fwdbwd = [], []
-    for _ in range(repeats):
-        with torch.no_grad(), agent.autocast():
-            start = time.perf_counter()
-            unet(x, t, encoder_hidden_states=embeds)
-            fwd.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        with agent.autocast():
-            out = unet(x, t, encoder_hidden_states=embeds).sample
-        out.float().square().mean().backward()
-        fwdbwd.append(time.perf_counter() - start)
-        agent.optimizer.zero_grad(set_to_none=True)
-    return float(np.median(fwd)), float(np.median(fwdbwd))
+def run_plain(model: str, prompts: str, epochs: int, workload: dict[str, Any]) -> list[dict[str, float]]:
+    from plain_ddpo import PlainConfig, PlainDDPO
+
+    from diffusion_mdp.prompts import load_prompts
+
+    plain = PlainDDPO(model, load_prompts(prompts).prompts, PlainConfig(**workload))
+    return [plain.run_epoch(epoch) for epoch in range(epochs)]
 
 
-def run_setting(name: str, changes: dict[str, Any], pipeline: Path, epochs: int, threads: int) -> dict[str, Any]:
+def run_agent(
+    model: str, prompts: str, epochs: int, workload: dict[str, Any], changes: dict[str, Any], threads: int
+) -> list[dict[str, float]]:
     from diffusion_mdp.agents import TrainConfig, make_agent
 
-    out = tempfile.mkdtemp()
     cfg = TrainConfig(
-        name=name,
-        output_dir=out,
-        model=str(pipeline),
-        prompts="imagenet_animals",
+        name="bench",
+        output_dir=tempfile.mkdtemp(),
+        model=model,
+        prompts=prompts,
         reward="jpeg_compressibility",
-        num_steps=20,
-        eta=1.0,
-        guidance_scale=5.0,
-        samples_per_epoch=16,
-        sample_batch_size=8,
-        train_batch_size=8,
         num_inner_epochs=1,
         use_lora=True,
-        lora_rank=4,
-        learning_rate=3e-4,
         num_epochs=epochs,
         eval_num_samples=0,
         image_every=0,
         progress_bar=False,
         num_threads=threads,
         log_formats="csv",
+        **workload,
         **changes,
     )
     agent = make_agent(cfg)
@@ -110,60 +113,117 @@ def run_setting(name: str, changes: dict[str, Any], pipeline: Path, epochs: int,
         t1 = time.perf_counter()
         metrics = agent.train_on_rollouts(epoch)
         t2 = time.perf_counter()
-        rows.append((t1 - t0 - reward_time[0], reward_time[0], t2 - t1, metrics["first_ratio"]))
+        rows.append(
+            {
+                "sampling_s": t1 - t0 - reward_time[0],
+                "reward_s": reward_time[0],
+                "training_s": t2 - t1,
+                "first_ratio": metrics["first_ratio"],
+            }
+        )
+    return rows
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One (model, setting): prints a JSON line with the measured epochs' means and the peak RSS."""
+    torch.set_num_threads(args.threads)
+    workload = {**WORKLOAD, **json.loads(args.workload)}
+    changes = SETTINGS[args.setting]
+    if changes is None:
+        rows = run_plain(args.model, args.prompts, args.epochs, workload)
+    else:
+        rows = run_agent(args.model, args.prompts, args.epochs, workload, changes, args.threads)
     measured = rows[1:] or rows  # the first epoch warms up allocators and kernels
-    sampling, reward, training = (float(np.mean([r[i] for r in measured])) for i in range(3))
-    fwd, fwdbwd = unet_floor(agent, 2 * cfg.sample_batch_size)  # CFG doubles the UNet batch
-    num_batches = cfg.samples_per_epoch // cfg.sample_batch_size
-    floor = num_batches * cfg.num_steps * (fwd + fwdbwd)
-    epoch_s = sampling + reward + training
-    sample_steps = cfg.samples_per_epoch * cfg.num_steps
-    return {
-        "setting": name,
-        "epoch_s": epoch_s,
-        "sampling_s": sampling,
-        "reward_s": reward,
-        "training_s": training,
-        "ms_per_sample_step": 1000 * epoch_s / sample_steps,
-        "floor_s": floor,
-        "floor_fwd_ms": 1000 * fwd,
-        "floor_fwdbwd_ms": 1000 * fwdbwd,
-        "ratio_to_floor": epoch_s / floor,
-        "first_ratio": rows[0][3],
-        "peak_rss_mib": peak_rss_mib(),
-    }
+    result = {key: float(np.mean([r[key] for r in measured])) for key in ("sampling_s", "reward_s", "training_s")}
+    result["epoch_s"] = result["sampling_s"] + result["reward_s"] + result["training_s"]
+    result["first_ratio"] = rows[0]["first_ratio"]
+    result["peak_rss_mib"] = peak_rss_mib()
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per setting (the first is a warm-up)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run (the first is a warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every (model, setting)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--workload", default="{}", help="JSON changes to the workload, e.g. '{\"num_steps\": 10}'")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from diffusion_mdp.testing import build_reference_tiny_pipeline
-
-    pipeline = build_reference_tiny_pipeline(Path(tempfile.mkdtemp()) / "reference")
-    print(f"torch {torch.__version__}, {args.threads} threads, reference workload (see the module docstring)")
-    header = (
-        f"{'setting':<20}{'epoch s':>9}{'sample':>9}{'reward':>8}{'train':>9}{'ms/smp-step':>12}"
-        f"{'floor s':>9}{'x floor':>8}{'ratio@mb0':>12}{'RSS MiB':>9}"
+    if args.worker:
+        worker(args)
+        return
+    settings, models = args.settings.split(","), args.models.split(",")
+    unknown = [s for s in settings if s not in SETTINGS] + [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown settings/models {unknown}: choose from {list(SETTINGS)} and {list(MODELS)}")
+    if "plain" not in settings:
+        settings.insert(0, "plain")  # every ratio is to the plain loop of the same round
+    folder = tempfile.mkdtemp()
+    paths = {m: build_model(m, folder) for m in models}
+    workload = {**WORKLOAD, **json.loads(args.workload)}
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, workload {workload}, {args.rounds} rounds, "
+        f"{args.epochs} epochs per run (first = warm-up); load average at start {os.getloadavg()}",
+        flush=True,
     )
-    print(header)
-    results = []
-    for name in args.settings.split(","):
-        r = run_setting(name, SETTINGS[name], pipeline, args.epochs, args.threads)
-        results.append(r)
-        print(
-            f"{r['setting']:<20}{r['epoch_s']:>9.2f}{r['sampling_s']:>9.2f}{r['reward_s']:>8.3f}{r['training_s']:>9.2f}"
-            f"{r['ms_per_sample_step']:>12.1f}{r['floor_s']:>9.2f}{r['ratio_to_floor']:>8.2f}"
-            f"{r['first_ratio']:>12.6f}{r['peak_rss_mib']:>9.0f}",
-            flush=True,
-        )
-        print(f"    floor: UNet fwd {r['floor_fwd_ms']:.1f} ms, fwd+bwd {r['floor_fwdbwd_ms']:.1f} ms at batch 16")
-    fp32 = next((r for r in results if r["setting"] == "fp32"), None)
-    if fp32 is not None:  # "below the fp32 floor": every setting's epoch against the fp32 compute floor
-        ratios = [f"{r['setting']} {r['epoch_s'] / fp32['floor_s']:.2f}" for r in results]
-        print("epoch time / fp32 floor: " + ", ".join(ratios))
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    loads = []
+    for rnd in range(args.rounds):
+        for model in models:
+            for setting in settings:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--model",
+                    paths[model],
+                    "--prompts",
+                    PROMPTS[model],
+                    "--setting",
+                    setting,
+                    "--epochs",
+                    str(args.epochs),
+                    "--threads",
+                    str(args.threads),
+                    "--workload",
+                    args.workload,
+                ]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    raise RuntimeError(f"{model}/{setting} failed:\n{proc.stderr[-3000:]}")
+                r = json.loads(line[len("RESULT ") :])
+                results.setdefault((model, setting), []).append(r)
+                loads.append(os.getloadavg()[0])
+                print(
+                    f"round {rnd + 1} {model:<12}{setting:<20} epoch {r['epoch_s']:7.2f} s  "
+                    f"(sample {r['sampling_s']:.2f} reward {r['reward_s']:.3f} train {r['training_s']:.2f})  "
+                    f"ratio@mb0 {r['first_ratio']:.6f}  RSS {r['peak_rss_mib']:.0f} MiB  load {loads[-1]:.1f}",
+                    flush=True,
+                )
+    print(f"\nload average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}")
+    print(
+        "| model | setting | epoch s | sampling / reward / training s | × plain | ratio at 1st minibatch "
+        "| peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for model in models:
+        plain = results[(model, "plain")]
+        for setting in settings:
+            rs = results[(model, setting)]
+            ratio = float(np.median([r["epoch_s"] / p["epoch_s"] for r, p in zip(rs, plain, strict=True)]))
+            med = {k: float(np.median([r[k] for r in rs])) for k in ("epoch_s", "sampling_s", "reward_s", "training_s")}
+            worst = max(rs, key=lambda r: abs(r["first_ratio"] - 1))["first_ratio"]
+            print(
+                f"| {model} | {setting} | {med['epoch_s']:.2f} | {med['sampling_s']:.2f} / {med['reward_s']:.3f} / "
+                f"{med['training_s']:.2f} | {ratio:.2f} | {worst:.6f} | "
+                f"{max(r['peak_rss_mib'] for r in rs):.0f} |"
+            )
 
 
 if __name__ == "__main__":
