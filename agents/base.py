@@ -416,6 +416,10 @@ class DiffusionAgent:
         """G, the minibatches whose gradients add up to one optimizer step (``gradient_accumulation_steps``)."""
         return self.config.gradient_accumulation_steps
 
+    def trained_steps(self, epoch: int) -> tuple[int, int] | None:
+        """``(start, stop)``: the steps k the epoch trains on (a window of them); None: all T steps."""
+        return None
+
     # ------------------------------------------------------------------------------------------
     # Numerics shared by algorithms
     # ------------------------------------------------------------------------------------------

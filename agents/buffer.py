@@ -250,6 +250,7 @@ class DenoisingRolloutBuffer:
         batch_size: int | None = None,
         timestep_fraction: float = 1.0,
         generator: torch.Generator | None = None,
+        step_range: tuple[int, int] | None = None,
     ) -> Iterator[TrajectoryMinibatch]:
         """Shuffled minibatches of trajectories, each with its own random order of timesteps.
 
@@ -261,14 +262,20 @@ class DenoisingRolloutBuffer:
             batch_size: Trajectories per minibatch (all by default).
             timestep_fraction: Fraction of steps trained on.
             generator: CPU RNG for the permutations (for reproducibility).
+            step_range: ``(start, stop)``: train only on steps k in ``start .. stop - 1`` (e.g. Flow-GRPO's SDE
+                window), ``timestep_fraction`` of them; None: all T steps.
         """
         if not self.advantages_ready:
             raise RuntimeError("call compute_returns_and_advantage() before get()")
-        n, steps = self.num_trajectories, self.num_steps
+        n = self.num_trajectories
+        first, stop = (0, self.num_steps) if step_range is None else step_range
+        if not 0 <= first < stop <= self.num_steps:
+            raise ValueError(f"step_range {step_range} must lie within 0..{self.num_steps} and hold at least one step")
+        steps = stop - first
         batch_size = batch_size or n
         num_train_steps = max(1, int(np.ceil(timestep_fraction * steps)))
         perm = torch.randperm(n, generator=generator)
-        step_order = torch.argsort(torch.rand((n, steps), generator=generator), dim=1)[:, :num_train_steps]
+        step_order = first + torch.argsort(torch.rand((n, steps), generator=generator), dim=1)[:, :num_train_steps]
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
             if self.shard is not None:  # multi-process: this process's chunk of the global minibatch

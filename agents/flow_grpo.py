@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .base import DiffusionAgent, derived_seed
+from .buffer import StepBatch
 from .config import ConfigError
 from .ddpo_is import ppo_clip_loss
 
@@ -78,6 +79,8 @@ class FlowGRPO(DiffusionAgent):
     """Flow-GRPO on any model of the library (flow matching: SDE window sampling; DDIM: window training)."""
 
     algorithm: ClassVar[str] = "flow_grpo"
+    # The first step's ratio must be 1: the policy that sampled those actions scores them.
+    first_step_metrics: ClassVar[tuple[str, ...]] = ("ratio",)
 
     def __init__(self, config: Any, components: Any = None) -> None:
         if config.advantage_mode != "group":
@@ -112,48 +115,24 @@ class FlowGRPO(DiffusionAgent):
         return {**stats, "window_start": float(self.window[0])}
 
     # ------------------------------------------------------------------------------------------
-    # Training
+    # Training: the shared loop of update.py over the window's steps, with this loss
     # ------------------------------------------------------------------------------------------
-    def train_on_rollouts(self, epoch: int) -> dict[str, float]:
-        cfg, buffer = self.config, self.buffer
-        # 1. Group advantages A_i, the same for every step of trajectory i (the normalizer is in group mode).
-        buffer.compute_returns_and_advantage(self.normalizer, cfg.adv_clip_max)
-        clip_range = self.current_clip_range(epoch)
-        start, stop = self.window
-        logs: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kl_ref", "approx_kl", "clipfrac")}
-        logs["grad_norm"] = []
-        first_ratio = float("nan")
-        for inner in range(cfg.num_inner_epochs):
-            generator = self.shuffle_generator(epoch, inner)
-            minibatches = list(buffer.get(cfg.train_batch_size, 1.0, generator))
-            # 2. The window's steps, in an independent random order per trajectory (ceil(fraction · K) of them).
-            num_train = max(1, int(np.ceil(cfg.timestep_fraction * (stop - start))))
-            order = start + torch.argsort(torch.rand((buffer.num_trajectories, stop - start), generator=generator), 1)
-            for mb_index, minibatch in enumerate(minibatches):
-                minibatch.step_order = order[minibatch.indices.cpu(), :num_train].to(minibatch.indices.device)
-                scale = 1.0 / (minibatch.num_timesteps * cfg.gradient_accumulation_steps)
-                for j in range(minibatch.num_timesteps):
-                    step = minibatch.step(j)
-                    # 3. log π_θ at the stored action; the KL needs π_ref's mean at the same state.
-                    log_prob, out = self.step_log_prob(step)
-                    kl = self.kl_to_reference(step, out) if cfg.kl_coef > 0 else None
-                    loss, stats = flow_grpo_loss(
-                        log_prob, step.old_log_probs, step.advantages, clip_range, kl, cfg.kl_coef
-                    )
-                    self.backward(loss * scale)
-                    logs["loss"].append(float(loss.detach()))
-                    logs["policy_loss"].append(float(stats["policy_loss"]))
-                    logs["kl_ref"].append(float(stats["kl"]))
-                    logs["approx_kl"].append(float(stats["approx_kl"]))
-                    logs["clipfrac"].append(float(stats["clipfrac"]))
-                    if inner == 0 and mb_index == 0 and j == 0:
-                        first_ratio = float(stats["ratio"])  # 1: the same policy sampled these actions
-                last = mb_index == len(minibatches) - 1
-                if (mb_index + 1) % cfg.gradient_accumulation_steps == 0 or last:
-                    logs["grad_norm"].append(self.optimizer_step())
-        metrics = {key: float(np.mean(values)) for key, values in logs.items() if values}
-        metrics.update(clip_range=clip_range, first_ratio=first_ratio)
-        return metrics
+    def trained_steps(self, epoch: int) -> tuple[int, int]:
+        return self.window
+
+    def prepare_update(self, epoch: int) -> dict[str, float]:
+        super().prepare_update(epoch)  # 1. group advantages A_i, the same for every step of trajectory i
+        return {"clip_range": self.current_clip_range(epoch)}
+
+    def step_loss(self, step: StepBatch, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """2. log π_θ at the stored action; 3. PPO-clip plus β KL to π_ref's mean at the same state."""
+        log_prob, out = self.step_log_prob(step)
+        kl = self.kl_to_reference(step, out) if self.config.kl_coef > 0 else None
+        loss, stats = flow_grpo_loss(
+            log_prob, step.old_log_probs, step.advantages, self.current_clip_range(epoch), kl, self.config.kl_coef
+        )
+        stats["kl_ref"] = stats.pop("kl")
+        return loss, stats
 
 
 __all__ = ["FlowGRPO", "flow_grpo_loss"]

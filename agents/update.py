@@ -47,6 +47,8 @@ class Learner(Protocol):
 
     def accumulation_steps(self, num_minibatches: int) -> int: ...
 
+    def trained_steps(self, epoch: int) -> tuple[int, int] | None: ...
+
     def shuffle_generator(self, epoch: int, inner_epoch: int) -> torch.Generator: ...
 
     def backward(self, loss: Tensor) -> None: ...
@@ -75,7 +77,7 @@ def run_update(agent: Learner, epoch: int, step_optimizer: bool = True) -> dict[
     for inner in range(cfg.num_inner_epochs):
         generator = agent.shuffle_generator(epoch, inner)
         minibatches: list[TrajectoryMinibatch] = list(
-            agent.buffer.get(cfg.train_batch_size, cfg.timestep_fraction, generator)
+            agent.buffer.get(cfg.train_batch_size, cfg.timestep_fraction, generator, agent.trained_steps(epoch))
         )
         accumulation = agent.accumulation_steps(len(minibatches))
         for mb_index, minibatch in enumerate(minibatches):
