@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from diffusion_mdp.shapes import flow_model_path
 from diffusion_mdp.shapes import train_flow_model as tfm
 from diffusion_mdp.shapes.train_model import vae_config
 
-FLOW_MODEL = Path(tfm.__file__).resolve().parents[1] / "data" / "tiny-shapes-flow"
+FLOW_MODEL = flow_model_path()
 MICRO = {**tfm.transformer_config(), "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
          "caption_projection_dim": 16, "joint_attention_dim": 32, "pooled_projection_dim": 16}
 
@@ -114,7 +114,6 @@ def test_shipped_folder_loads_offline_and_generates():
     pipe = StableDiffusion3Pipeline.from_pretrained(str(FLOW_MODEL), local_files_only=True)
     assert isinstance(pipe.transformer, SD3Transformer2DModel)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
-    assert pipe.text_encoder_3 is None
     assert pipe.transformer.dtype == torch.float32
     pipe.set_progress_bar_config(disable=True)
     images = pipe(["two red circles", "a blue square"], num_inference_steps=4, guidance_scale=5.0,
@@ -123,3 +122,25 @@ def test_shipped_folder_loads_offline_and_generates():
     assert np.isfinite(images).all() and images.std() > 0.05
     size = sum(f.stat().st_size for f in FLOW_MODEL.rglob("*") if f.is_file())
     assert size < 12e6
+
+
+def test_null_t5_outputs_exact_zeros():
+    tokenizer, encoder = tfm.build_null_t5(24)
+    ids = tokenizer(["two red circles", "zebra"], padding="max_length", max_length=7, return_tensors="pt").input_ids
+    assert ids.shape == (2, 7) and (ids[0, :3] != tokenizer.unk_token_id).all()
+    with torch.no_grad():
+        out = encoder(ids)[0]
+    assert out.shape == (2, 7, 24)
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.skipif(not (FLOW_MODEL / "model_index.json").is_file(), reason="tiny-shapes-flow not exported")
+def test_shipped_placeholder_t5_changes_nothing():
+    from diffusers import StableDiffusion3Pipeline
+
+    with_t5 = StableDiffusion3Pipeline.from_pretrained(str(FLOW_MODEL), local_files_only=True)
+    without = StableDiffusion3Pipeline.from_pretrained(str(FLOW_MODEL), local_files_only=True, text_encoder_3=None,
+                                                       tokenizer_3=None)
+    images = [tfm.sample(p, ["three green triangles"], steps=3, max_sequence_length=4, bf16=False)
+              for p in (with_t5, without)]
+    np.testing.assert_array_equal(images[0], images[1])

@@ -11,8 +11,10 @@ a ``StableDiffusion3Pipeline`` folder. Stages, each resumable from its checkpoin
    needs two; there is no T5) trained jointly on the rectified-flow loss (see :func:`flow_matching_loss`),
    σ drawn logit-normally as in SD3, 10% of captions replaced by ``""`` for classifier-free guidance,
    bf16 autocast, EMA of the weights.
-3. ``export``: ``StableDiffusion3Pipeline.save_pretrained`` (EMA weights; transformer and VAE as fp16
-   safetensors, the text encoders in fp32 because transformers keeps the saved dtype) and the loss curve.
+3. ``export``: picks the sampling shift on ``shapes_train`` (:func:`choose_shift`), then
+   ``StableDiffusion3Pipeline.save_pretrained`` (EMA weights; transformer and VAE as fp16 safetensors, the
+   text encoders in fp32 because transformers keeps the saved dtype; a placeholder T5 that outputs zeros,
+   :func:`build_null_t5`) and the loss curve.
 
 Notation (code name -> rectified flow, Esser et al. 2024): ``x0`` -> x_0 (clean latent), ``noise`` -> ε,
 ``sigma`` -> t ∈ [0, 1], ``xt`` -> z_t = (1 - t) x_0 + t ε, ``pred`` -> v_Θ(z_t, t), target ε - x_0. The
@@ -214,6 +216,31 @@ def build_models(workdir: Path | None = None, seed: int = 0, config: dict[str, A
     return tokenizer, text_encoders[0], text_encoders[1], transformer
 
 
+def build_null_t5(joint_attention_dim: int):
+    """A word-level ``T5Tokenizer`` and a 1-layer ``T5EncoderModel`` whose output is exactly zero.
+
+    ``StableDiffusion3Pipeline.from_pretrained(folder)`` needs a ``text_encoder_3`` unless the caller
+    passes ``text_encoder_3=None, tokenizer_3=None``. This placeholder's final RMS norm has weight 0, so it
+    returns the same all-zero ``(B, max_sequence_length, joint_attention_dim)`` tensor the pipeline
+    substitutes when T5 is dropped: the folder loads with a plain ``from_pretrained`` and gives the same
+    images either way. It is never trained.
+
+    Returns:
+        ``(tokenizer_3, text_encoder_3)``.
+    """
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), *(("▁" + w, -1.0) for w in VOCABULARY)]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=joint_attention_dim, d_kv=16, d_ff=32, num_layers=1,
+                      num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    encoder = T5EncoderModel(config).eval()
+    with torch.no_grad():
+        encoder.encoder.final_layer_norm.weight.zero_()
+    return tokenizer, encoder
+
+
 def encode_text(text_encoder: Any, text_encoder_2: Any, ids: torch.Tensor, joint_attention_dim: int,
                 null_tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``StableDiffusion3Pipeline.encode_prompt`` computes without a T5, from token ids.
@@ -386,10 +413,11 @@ def build_pipeline(workdir: Path, shift: float, use_ema: bool = True, vae_path: 
     text_encoder_2.load_state_dict(weights["text_2"])
     vae = AutoencoderKL.from_pretrained(vae_path or model_path() / "vae", local_files_only=True)
     vae.register_to_config(shift_factor=0.0)  # SD3's decode computes latents / scaling_factor + shift_factor
+    tokenizer_3, text_encoder_3 = build_null_t5(transformer.config.joint_attention_dim)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config(shift)), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe, ckpt
@@ -445,7 +473,7 @@ def sample(
 
 
 def choose_shift(pipe: Any, shifts: list[float], per_prompt: int = 1, guidance: float = 5.0,
-                 seed: int = 1000) -> dict[float, float]:
+                 seed: int = 1000, max_sequence_length: int = 8) -> dict[float, float]:
     """Captioner "all three correct" rate on ``shapes_train`` per timestep shift (seeds apart from the report's)."""
     from diffusion_mdp.prompts import load_prompts
     from diffusion_mdp.shapes.captioner import Captioner
@@ -455,7 +483,9 @@ def choose_shift(pipe: Any, shifts: list[float], per_prompt: int = 1, guidance: 
     metas = [m for m in prompt_set.metadata for _ in range(per_prompt)]
     scores = {}
     for shift in shifts:
-        found = captioner.attributes(sample(pipe, prompts, guidance=guidance, seed=seed, shift=shift))
+        images = sample(pipe, prompts, guidance=guidance, seed=seed, shift=shift,
+                        max_sequence_length=max_sequence_length)
+        found = captioner.attributes(images)
         scores[shift] = float(np.mean([all(f[k] == m[k] for k in ("colour", "shape", "count"))
                                        for f, m in zip(found, metas, strict=True)]))
         print(f"shift {shift:g}: all-three accuracy {scores[shift]:.3f}", flush=True)
