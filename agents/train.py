@@ -84,14 +84,14 @@ def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
 def absolute_paths(config: TrainConfig) -> TrainConfig:
     """``config`` with a local model folder and prompt files made absolute (names stay names), so that the
     checkpoint's config means the same files from any working directory."""
-    from diffusion_mdp.models import BUNDLED_MODEL
+    from diffusion_mdp.models import BUNDLED_MODELS
     from diffusion_mdp.prompts import available_prompt_sets
 
     changes: dict[str, str] = {}
     registered = set(available_prompt_sets())
     for key in ("model", "prompts", "eval_prompts"):
         value = getattr(config, key)
-        if not value or value == BUNDLED_MODEL or (key != "model" and value in registered):
+        if not value or value in BUNDLED_MODELS or (key != "model" and value in registered):
             continue
         path = Path(value).expanduser()
         if path.exists() and not path.is_absolute():

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 BUNDLED_MODEL = "tiny-shapes"
+BUNDLED_FLOW_MODEL = "tiny-shapes-flow"  # the same world as a flow-matching StableDiffusion3Pipeline
+BUNDLED_MODELS = (BUNDLED_MODEL, BUNDLED_FLOW_MODEL)
 PIPELINE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -106,18 +108,19 @@ class DiffusionComponents:
         return self
 
 
-def bundled_model_path() -> Path:
-    """Folder of the bundled tiny-shapes pipeline inside the installed package."""
-    return Path(str(resources.files("diffusion_mdp").joinpath("data", BUNDLED_MODEL)))
+def bundled_model_path(name: str = BUNDLED_MODEL) -> Path:
+    """Folder of a bundled pipeline (``"tiny-shapes"`` or ``"tiny-shapes-flow"``) inside the installed package."""
+    return Path(str(resources.files("diffusion_mdp").joinpath("data", name)))
 
 
 def resolve_model(model: str | os.PathLike[str] | None) -> tuple[str | Path, bool]:
     """Map what the user passed to ``(local folder or hub id, is_local)``."""
-    if model is None or model == BUNDLED_MODEL:
-        path = bundled_model_path()
+    if model is None or model in BUNDLED_MODELS:
+        name = BUNDLED_MODEL if model is None else str(model)
+        path = bundled_model_path(name)
         if not (path / "model_index.json").is_file():
             raise ModelNotAvailableError(
-                f"the bundled model {BUNDLED_MODEL!r} is missing from {path}; reinstall diffusion-mdp "
+                f"the bundled model {name!r} is missing from {path}; reinstall diffusion-mdp "
                 "(`pip install -e .` from the repository) or pass model=<folder or hub id>"
             )
         return path, True
@@ -156,7 +159,7 @@ def _check_hub_id(text: str, path: Path) -> None:
     first = Path(text).parts[0] if Path(text).parts else text
     local_parent = len(Path(text).parts) > 1 and Path(first).is_dir()
     if _HUB_ID.fullmatch(text) and not local_parent and not text.endswith((".", "-")):
-        close = difflib.get_close_matches(text, [BUNDLED_MODEL], n=1, cutoff=0.85)
+        close = difflib.get_close_matches(text, list(BUNDLED_MODELS), n=1, cutoff=0.85)
         if not close or _in_hub_cache(text):
             return
         raise FileNotFoundError(
@@ -237,8 +240,9 @@ def load_components(
         for name in ("unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             if fields.get(name) is not None:
                 fields[name].requires_grad_(False).eval()
-        source = BUNDLED_MODEL if model is None or model == BUNDLED_MODEL else os.fspath(model)
-        return DiffusionComponents(source=source, family=family, **fields).to(device)
+        source = BUNDLED_MODEL if model is None else os.fspath(model)
+        default_prompts = "shapes_train" if source in BUNDLED_MODELS else None
+        return DiffusionComponents(source=source, family=family, default_prompts=default_prompts, **fields).to(device)
     sdxl = "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index
     unet = load(UNet2DConditionModel, "unet", **dtype_kw)
     vae = load(AutoencoderKL, "vae", **dtype_kw)
@@ -260,8 +264,8 @@ def load_components(
     for module in (unet, vae, text_encoder, text_encoder_2):
         if module is not None:
             module.requires_grad_(False).eval()
-    source = BUNDLED_MODEL if model is None or model == BUNDLED_MODEL else os.fspath(model)
-    default_prompts = "shapes_train" if source == BUNDLED_MODEL else None
+    source = BUNDLED_MODEL if model is None else os.fspath(model)
+    default_prompts = "shapes_train" if source in BUNDLED_MODELS else None
     return DiffusionComponents(
         unet,
         vae,
