@@ -170,7 +170,7 @@ class DenoisingMDP:
             noise = torch.as_tensor(noise, dtype=torch.float32)
             expected = (len(env_ids), *self.latent_shape)
             if tuple(noise.shape) != expected:
-                raise ValueError(f"reset noise must have shape {expected} (one x_T per episode), got {tuple(noise.shape)}")
+                raise ValueError(f"reset noise must have shape {expected} (one x_T per episode), got {noise.shape}")
             if not bool(torch.isfinite(noise).all()):
                 raise ValueError("reset noise contains NaN or inf")
         for i, (env_id, rng) in enumerate(zip(env_ids, rngs, strict=True)):
@@ -256,21 +256,47 @@ class DenoisingMDP:
         """
         prompts = self.prompt_list if prompts is None else list(prompts)
         metadata = [self.prompts.metadata[i] for i in self.prompt_ids] if metadata is None else list(metadata)
-        where = f"reward {self.reward_name!r} on a batch of {len(prompts)} images (prompts {prompts[:4]}...)"
-        try:
-            result = self.reward_fn(images, prompts, metadata)
-        except Exception as exc:
-            raise RewardError(f"{where} raised {type(exc).__name__}: {exc}") from exc
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise RewardError(f"{where} must return (rewards, info), got {type(result).__name__}")
-        rewards, info = result
-        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
-        if rewards.shape != (len(prompts),):
-            raise RewardError(f"{where} returned {rewards.shape[0]} values for {len(prompts)} images")
-        if not np.isfinite(rewards).all():
-            bad = np.flatnonzero(~np.isfinite(rewards)).tolist()
-            raise RewardError(f"{where} returned NaN/inf for samples {bad}")
-        return rewards, dict(info)
+        return score_images(self.reward_fn, self.reward_name, images, prompts, metadata)
+
+
+def score_images(
+    reward_fn: RewardFn,
+    reward_name: str,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    metadata: Sequence[dict[str, Any]],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Call a reward once on a batch and check what it returns (the one validation of every reward call).
+
+    Args:
+        reward_fn: ``(images, prompts, metadata) -> (rewards, info)``.
+        reward_name: Its name, for error messages.
+        images: uint8 ``(B, H, W, 3)``.
+        prompts, metadata: B each.
+
+    Returns:
+        ``(rewards (B,) float64, info)``.
+
+    Raises:
+        RewardError: The reward raised, or did not return B finite numbers. The message names the reward
+            and the batch's prompts.
+    """
+    prompts, metadata = list(prompts), list(metadata)
+    where = f"reward {reward_name!r} on a batch of {len(prompts)} images (prompts {prompts[:4]}...)"
+    try:
+        result = reward_fn(images, prompts, metadata)
+    except Exception as exc:
+        raise RewardError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise RewardError(f"{where} must return (rewards, info), got {type(result).__name__}")
+    rewards, info = result
+    rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+    if rewards.shape != (len(prompts),):
+        raise RewardError(f"{where} returned {rewards.shape[0]} values for {len(prompts)} images")
+    if not np.isfinite(rewards).all():
+        bad = np.flatnonzero(~np.isfinite(rewards)).tolist()
+        raise RewardError(f"{where} returned NaN/inf for samples {bad}")
+    return rewards, dict(info)
 
 
 def _single_threaded_after_fork() -> None:
