@@ -37,8 +37,8 @@ from torch import Tensor
 
 import diffusion_mdp  # noqa: F401  (registers DenoisingMDP-v0)
 from diffusion_mdp.distributed import Distributed, sync_rollout_buffer
-from diffusion_mdp.families import is_flow, make_schedule, step_with_logprob
-from diffusion_mdp.mdp import RewardError, decode_latents
+from diffusion_mdp.families import is_flow
+from diffusion_mdp.mdp import RewardError
 from diffusion_mdp.models import DiffusionComponents
 from diffusion_mdp.policy import DiffusionPolicy
 from diffusion_mdp.prompts import PromptSet, load_prompts
@@ -292,12 +292,13 @@ class DiffusionAgent:
             autoreset_mode="Disabled",
             components=components,
             reward_kwargs=self._remote_reward_kwargs(),
+            defer_reward=cfg.async_reward,
         )
         self.mdp = self.env.unwrapped.mdp
         # async_reward: the env defers the reward; batch b is scored in the background while b + 1 samples.
         self.reward_executor: AsyncReward | None = None
+        self._eval_envs: dict[tuple[int, int], Any] = {}  # η = 0 envs of evaluate(), per (batch size, steps)
         if cfg.async_reward:
-            self.mdp.defer_reward = True
             self.reward_executor = AsyncReward(self.mdp.score)  # mdp.score validates (N finite values)
         self.components = self.env.unwrapped.components
         self.train_prompts: PromptSet = self.mdp.prompts
@@ -522,16 +523,18 @@ class DiffusionAgent:
                 chosen = rng.integers(len(self.train_prompts), size=cfg.sample_batch_size // cfg.group_size)
                 options = {"prompt_ids": np.repeat(chosen, cfg.group_size)}
                 group_ids = b * cfg.sample_batch_size + np.repeat(np.arange(len(chosen)), cfg.group_size)
-            obs, _ = self.env.reset(seed=derived_seed(cfg.seed, _SEED_TAGS["env"], epoch, b) % 2**31, options=options)
+            seed = derived_seed(cfg.seed, _SEED_TAGS["env"], epoch, b) % 2**31
+            obs, info = self.env.reset(seed=seed, options=options)
             generator = torch.Generator(self.device).manual_seed(derived_seed(cfg.seed, _SEED_TAGS["noise"], epoch, b))
-            obs["prompt_embeds"] = self.policy.encode_prompts(obs["prompt"])
+            batch_prompts = list(info["prompt"])  # the observations hold prompt ids; the texts come in info
+            obs["prompt"], obs["prompt_embeds"] = batch_prompts, self.policy.encode_prompts(batch_prompts)
             obs["group_id"] = group_ids
-            info: dict[str, Any] = {}
-            for _ in range(cfg.num_steps):
+            terminated = np.zeros(cfg.sample_batch_size, dtype=bool)
+            while not terminated.all():
                 with self.autocast():
                     actions, log_probs = self.policy.sample(obs, generator=generator)
                 try:
-                    next_obs, rewards, _, _, info = self.env.step(actions)
+                    next_obs, rewards, terminated, _, info = self.env.step(actions)
                 except RewardError as exc:
                     saved = self._save_unscored_samples(epoch, b, actions, list(obs["prompt"]))
                     raise RewardError(
@@ -539,12 +542,13 @@ class DiffusionAgent:
                         f"far are saved in {saved}; the last checkpoint ({self._checkpoint_note()}) is intact."
                     ) from exc
                 buffer.add(obs, actions, rewards, log_prob=log_probs, block_start=b * cfg.sample_batch_size)
-                next_obs["prompt_embeds"], next_obs["group_id"] = obs["prompt_embeds"], group_ids
+                next_obs["prompt"], next_obs["prompt_embeds"] = batch_prompts, obs["prompt_embeds"]
+                next_obs["group_id"] = group_ids
                 obs = next_obs
             images.append(info["image"])
             prompts.extend(info["prompt"])
             if self.reward_executor is not None:
-                pending.append((b, self.reward_executor.submit(info["image"], info["prompt"], info["metadata"])))
+                pending.append((b, self.reward_executor.submit(info["image"], batch_prompts, info["metadata"])))
         for b, future in pending:  # the terminal rewards, into the last step of each trajectory
             try:
                 values, _ = future.result()
@@ -610,6 +614,9 @@ class DiffusionAgent:
     def evaluate(self, num_samples: int | None = None) -> dict[str, Any]:
         """Render ``num_samples`` held-out images with η = 0 from fixed seeds and score them.
 
+        The episodes run through an η = 0 copy of the training env (same model, same reward and its
+        validation), with fixed noise and prompts given as reset options: see :func:`run_deterministic`.
+
         Returns:
             ``{"eval_reward_mean", "eval_reward_std", "images" (B, H, W, 3), "prompts", "rewards" (B,)}``.
         """
@@ -623,25 +630,13 @@ class DiffusionAgent:
         images, rewards = [], []
         for start in range(0, num_samples, cfg.sample_batch_size):
             batch_ids = ids[start : start + cfg.sample_batch_size]
-            prompts = [self.eval_prompts.prompts[i] for i in batch_ids]
-            metadata = [self.eval_prompts.metadata[i] for i in batch_ids]
-            latents = sample_deterministic(
-                self.policy,
-                noise[start : start + len(batch_ids)].to(self.device),
-                prompts,
-                cfg.num_steps,
-                self.autocast,
-            )
-            batch_images = decode_latents(self.components.vae, latents)
+            env = self.evaluation_env(self.eval_prompts, len(batch_ids))
             try:
-                values, _ = self.mdp.reward_fn(batch_images, prompts, metadata)
-            except Exception as exc:
-                raise RewardError(
-                    f"reward {self.mdp.reward_name!r} failed on the evaluation batch {prompts[:4]}: {exc}"
-                ) from exc
-            values = np.asarray(values, dtype=np.float64)
-            if not np.isfinite(values).all():
-                raise RewardError(f"reward {self.mdp.reward_name!r} returned NaN/inf on the evaluation batch")
+                batch_images, values, _ = run_deterministic(
+                    env, self.policy, noise[start : start + len(batch_ids)], batch_ids, self.autocast
+                )
+            except RewardError as exc:
+                raise RewardError(f"held-out evaluation: {exc}") from exc
             images.append(batch_images)
             rewards.append(values)
         all_rewards = np.concatenate(rewards)
@@ -653,6 +648,16 @@ class DiffusionAgent:
             "prompts": prompts,
             "rewards": all_rewards,
         }
+
+    def evaluation_env(self, prompts: PromptSet, num_envs: int, num_steps: int | None = None) -> Any:
+        """The η = 0 vector env of :meth:`evaluate` on ``prompts`` (cached): the training env's model and reward."""
+        num_steps = num_steps or self.config.num_steps
+        key = (num_envs, num_steps)
+        cached = self._eval_envs.get(key)
+        if cached is None or cached.unwrapped.mdp.prompts is not prompts:
+            cached = evaluation_env(self.components, prompts, num_envs, num_steps, self.mdp.reward_fn, self.device)
+            self._eval_envs[key] = cached
+        return cached
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -676,7 +681,7 @@ class DiffusionAgent:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "numpy": np.random.get_state(),
                 "python": random.getstate(),
-                "env": [r.bit_generator.state for r in self.env.unwrapped._rngs],
+                "env": self.env.unwrapped.get_rng_state(),
             },
         }
 
@@ -703,8 +708,7 @@ class DiffusionAgent:
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        for generator, env_state in zip(self.env.unwrapped._rngs, rng["env"], strict=True):
-            generator.bit_generator.state = env_state
+        self.env.unwrapped.set_rng_state(rng["env"])
 
     def save_checkpoint(self, eval_pending: bool = False) -> Path:
         """Write ``checkpoints/last.pt`` atomically, keeping the previous ones as ``epoch<N>.pt`` (the newest
@@ -1000,6 +1004,74 @@ class DiffusionAgent:
         return " ".join(parts)
 
 
+def evaluation_env(
+    components: Any,
+    prompts: PromptSet,
+    num_envs: int,
+    num_steps: int,
+    reward: Any = None,
+    device: torch.device | str = "cpu",
+) -> Any:
+    """An η = 0 (deterministic DDIM) vector env for evaluation: torch observations, no autoreset.
+
+    Args:
+        components: The loaded model (shared, not copied).
+        prompts: The prompt set whose ids :func:`run_deterministic` takes.
+        num_envs: Episodes per batch.
+        num_steps: T.
+        reward: The reward (a loaded callable is shared); None defers it (the env returns images only).
+        device: Where latents live.
+    """
+    return gym.make_vec(
+        "DenoisingMDP-v0",
+        num_envs=num_envs,
+        components=components,
+        prompts=prompts,
+        num_steps=num_steps,
+        eta=0.0,
+        reward=reward if reward is not None else "jpeg_compressibility",
+        defer_reward=reward is None,
+        device=str(device),
+        torch_obs=True,
+        autoreset_mode="Disabled",
+    )
+
+
+@torch.no_grad()
+def run_deterministic(
+    env: Any,
+    policy: DiffusionPolicy,
+    noise: Tensor,
+    prompt_ids: Any,
+    autocast: Any = contextlib.nullcontext,
+) -> tuple[np.ndarray, np.ndarray, Tensor]:
+    """One batch of η = 0 episodes through ``env`` (an :func:`evaluation_env`) from fixed noise and prompts.
+
+    Each action is the Gaussian's mean ``schedule.mean(ε̃, t, x_t)`` (σ_t = 0 at η = 0): deterministic DDIM.
+    The env decodes x_0 and scores it with its reward (one validation, ``DenoisingMDP.score``).
+
+    Args:
+        env: The η = 0 vector env (``num_envs`` = B).
+        policy: Its UNet and prompt encoder are used (its own schedule is not).
+        noise: ``(B, C, h, w)`` x_T.
+        prompt_ids: ``(B,)`` indices into the env's prompt set.
+        autocast: Mixed-precision context for the UNet.
+
+    Returns:
+        ``(images uint8 (B, H, W, 3), rewards (B,) (zeros if the env defers its reward), x_0 (B, C, h, w))``.
+    """
+    schedule = env.unwrapped.schedule
+    obs, info = env.reset(options={"noise": noise, "prompt_ids": prompt_ids})
+    embeds = policy.encode_prompts(list(info["prompt"]))
+    terminated = np.zeros(env.num_envs, dtype=bool)
+    while not terminated.all():
+        latents, timesteps = obs["latent"].to(policy.device), obs["timestep"].to(policy.device)
+        with autocast():
+            output = policy.predict(latents, timesteps, embeds)
+        obs, rewards, terminated, _, info = env.step(schedule.mean(output.float(), timesteps, latents))
+    return info["image"], np.asarray(rewards, dtype=np.float64), obs["latent"]
+
+
 @torch.no_grad()
 def sample_deterministic(
     policy: DiffusionPolicy,
@@ -1010,16 +1082,9 @@ def sample_deterministic(
 ) -> Tensor:
     """Deterministic DDIM (η = 0) from ``noise`` ``(B, C, h, w)``; returns x_0 ``(B, C, h, w)``.
 
-    Uses a separate η = 0 schedule (the policy's own has η > 0; ``ddim_step_with_logprob`` then has no
-    log-prob, which evaluation does not need). SD3 / FLUX: the flow ODE (noise level 0), fed the exact t.
+    A shorthand for :func:`run_deterministic` on an unscored :func:`evaluation_env` of ``prompts``.
     """
-    schedule = make_schedule(policy.components, num_steps, 0.0)
-    embeds = policy.encode_prompts(prompts)
-    latents = noise
-    times = getattr(schedule, "model_timesteps", schedule.timesteps)  # flow: exact float t, not the rounded one
-    for t in times:
-        timesteps = t.repeat(len(latents)).to(latents.device)
-        with autocast():
-            output = policy.predict(latents, timesteps, embeds)
-        latents = step_with_logprob(schedule, output.float(), timesteps, latents).prev_sample
-    return latents
+    unique = list(dict.fromkeys(prompts))
+    env = evaluation_env(policy.components, PromptSet(unique), len(prompts), num_steps, device=noise.device)
+    ids = [unique.index(p) for p in prompts]
+    return run_deterministic(env, policy, noise, ids, autocast)[2]

@@ -244,6 +244,7 @@ def measure(agent: Any, sets: Sequence[str], num_samples: int, task_reward: str)
     Returns:
         ``{set: {"reward", "alignment", "strict"}}`` means, and the images of the first set (for grids).
     """
+    from diffusion_mdp.mdp import score_images
     from diffusion_mdp.prompts import load_prompts
 
     scores: dict[str, Any] = {}
@@ -257,9 +258,10 @@ def measure(agent: Any, sets: Sequence[str], num_samples: int, task_reward: str)
             lookup = dict(zip(prompt_set.prompts, prompt_set.metadata, strict=True))
             metadata = [lookup[p] for p in result["prompts"]]
             images, prompts = result["images"], result["prompts"]
-            entry = {"reward": float(np.mean(_score_fn(task_reward)(images, prompts, metadata)[0]))}
-            for key, reward in (("alignment", "prompt_alignment"), ("strict", "strict_alignment")):
-                entry[key] = float(np.mean(_score_fn(reward)(images, prompts, metadata)[0]))
+            entry: dict[str, float] = {}
+            rewards = {"reward": task_reward, "alignment": "prompt_alignment", "strict": "strict_alignment"}
+            for key, reward in rewards.items():
+                entry[key] = float(np.mean(score_images(_score_fn(reward), reward, images, prompts, metadata)[0]))
             scores[name] = entry
             if first_images is None:
                 first_images = {"images": images, "prompts": prompts, "rewards": result["rewards"]}

@@ -124,14 +124,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
-    from diffusion_mdp.agents.base import CheckpointError, find_checkpoint, load_checkpoint_file, sample_deterministic
+    from diffusion_mdp.agents.base import CheckpointError, find_checkpoint, load_checkpoint_file, run_deterministic
     from diffusion_mdp.agents.config import ConfigError, TrainConfig
     from diffusion_mdp.agents.train import make_agent
     from diffusion_mdp.agents.visual import save_grid
-    from diffusion_mdp.mdp import decode_latents
+    from diffusion_mdp.prompts import PromptSet
 
     if args.num_samples < 1:
         return _fail(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -167,12 +166,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     if args.base and config.use_lora:
         agent.unet.disable_adapters()
-    latents = sample_deterministic(agent.policy, noise, prompts, args.num_steps or config.num_steps, agent.autocast)
-    images = decode_latents(agent.components.vae, latents)
+    # The samples run through an η = 0 env of these prompts (the eval prompts' metadata where they match),
+    # scored by the env's reward like the held-out evaluation.
+    unique = list(dict.fromkeys(prompts))
     index = {p: i for i, p in enumerate(agent.eval_prompts.prompts)}
-    metadata = [agent.eval_prompts.metadata[index[p]] if p in index else {} for p in prompts]
-    rewards, _ = agent.mdp.reward_fn(images, prompts, metadata)
-    rewards = np.asarray(rewards, dtype=np.float64)
+    metadata = [agent.eval_prompts.metadata[index[p]] if p in index else {} for p in unique]
+    env = agent.evaluation_env(PromptSet(unique, metadata), len(prompts), args.num_steps or config.num_steps)
+    images, rewards, _ = run_deterministic(env, agent.policy, noise, [unique.index(p) for p in prompts], agent.autocast)
     out = Path(args.out) if args.out else agent.run_dir / "images" / f"sample_seed{args.seed}.png"
     save_grid(
         images,

@@ -21,6 +21,24 @@ Names in code -> symbols in the DDIM paper:
 - ``pred_sample_direction``   -> √(1 - α_{t-1} - σ_t²) ε_θ, "direction pointing to x_t"
 - ``mean``                    -> √α_{t-1} f_θ + direction, the Gaussian mean μ_θ
 - ``prev_sample``             -> x_{t-1} = μ_θ + σ_t z, z ~ N(0, I)
+- ``t_prev``                  -> t - Δ, the timestep the step moves to (clamped to 0 at the last step)
+
+**For your own algorithm.** :class:`DDIMSchedule` answers every schedule question per timestep, the last
+one included, so a from-scratch loop needs no indexing of its own (``alphas_cumprod[t - Δ]`` reads index -Δ
+at the last step): :meth:`DDIMSchedule.alpha_prod_t`, :meth:`~DDIMSchedule.alpha_prod_t_prev`,
+:meth:`~DDIMSchedule.std_dev_t`, :meth:`~DDIMSchedule.t_prev` and :meth:`~DDIMSchedule.mean` (μ_θ of a UNet
+output). With those, π_θ(· | s_t) is ``torch.distributions.Normal(schedule.mean(output, t, x_t),
+schedule.std_dev_t(t))``:
+
+>>> from diffusers import DDIMScheduler
+>>> schedule = DDIMSchedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False), num_steps=10)
+>>> t = schedule.timesteps[-1:]                      # the last step: t - Δ < 0
+>>> int(t), int(schedule.t_prev(t)), float(schedule.alpha_prod_t_prev(t)) == float(schedule.alphas_cumprod[0])
+(1, 0, True)
+>>> x_t, output = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+>>> policy = torch.distributions.Normal(schedule.mean(output, t, x_t), schedule.std_dev_t(t, like=x_t))
+>>> policy.sample().shape
+torch.Size([1, 4, 8, 8])
 
 **The final step's α_{t-1}.** At the last step there is no previous timestep (t - Δ < 0). diffusers uses
 ``scheduler.final_alpha_cumprod``: 1.0 when ``set_alpha_to_one=True``, else α_0. The authors' DDPO code clamps
@@ -129,8 +147,49 @@ class DDIMSchedule:
         return self.num_train_timesteps // self.num_steps
 
     def prev_timestep(self, timestep: Tensor) -> Tensor:
-        """t - Δ for each entry (negative at the final step)."""
+        """t - Δ for each entry (negative at the final step; :meth:`t_prev` clamps it)."""
         return timestep - self.step_size
+
+    # ----------------------------------------------------------------------------------------------
+    # Per-timestep constants for your own algorithm. Each takes t ``(B,)`` (an int or 0-d tensor is one
+    # sample) from ``timesteps`` and returns ``(B,)`` float64 on t's device, or ``(B, 1, ..., 1)`` in
+    # ``like``'s dtype and device when ``like`` ``(B, ...)`` is given (ready to broadcast against x_t).
+    # ----------------------------------------------------------------------------------------------
+    def t_prev(self, timestep: Tensor | int) -> Tensor:
+        """t_prev = max(t - Δ, 0), the timestep the step from t moves to (int64, the shape of ``timestep``).
+
+        0 at the last step, the authors' clamp. Its α is :meth:`alpha_prod_t_prev`, which reads
+        ``final_alpha_cumprod`` there: equal to ``alphas_cumprod[0]`` whenever η > 0 (the schedule refuses
+        ``set_alpha_to_one=True`` then).
+        """
+        return self.prev_timestep(_as_timesteps(timestep)).clamp(min=0)
+
+    def alpha_prod_t(self, timestep: Tensor | int, like: Tensor | None = None) -> Tensor:
+        """α_t (ᾱ_t in DDPM notation), the cumulative product of the noise schedule at t."""
+        return _shaped(self.alphas_at(_as_timesteps(timestep))[0], like)
+
+    def alpha_prod_t_prev(self, timestep: Tensor | int, like: Tensor | None = None) -> Tensor:
+        """α_{t-1} (ᾱ_prev), the cumulative product at t - Δ; ``final_alpha_cumprod`` at the last step."""
+        return _shaped(self.alphas_at(_as_timesteps(timestep))[1], like)
+
+    def std_dev_t(self, timestep: Tensor | int, like: Tensor | None = None) -> Tensor:
+        """σ_t(η) = η √((1 - α_{t-1}) / (1 - α_t)) √(1 - α_t / α_{t-1}), the policy's standard deviation."""
+        alpha_prod_t, alpha_prod_t_prev = self.alphas_at(_as_timesteps(timestep))
+        variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+        return _shaped(self.eta * variance.sqrt(), like)
+
+    def mean(self, model_output: Tensor, timestep: Tensor | int, sample: Tensor) -> Tensor:
+        """μ_θ(x_t, t, c) ``(B, C, H, W)``: the Gaussian's mean for a UNet output (DDIM eq. 12 without noise).
+
+        Args:
+            model_output: ``(B, C, H, W)`` the (guided) UNet output at (x_t, t, c).
+            timestep: ``(B,)`` t per sample, or one int for the whole batch.
+            sample: ``(B, C, H, W)`` x_t.
+        """
+        timestep = _as_timesteps(timestep).to(sample.device)
+        if timestep.numel() == 1 and sample.shape[0] != 1:
+            timestep = timestep.reshape(1).expand(sample.shape[0])
+        return ddim_step_with_logprob(self, model_output, timestep, sample, noise=torch.zeros_like(sample)).mean
 
     def alphas_at(self, timestep: Tensor) -> tuple[Tensor, Tensor]:
         """(α_t, α_{t-1}) for a batch of timesteps ``(B,)``, as float64 ``(B,)`` on the timesteps' device."""
@@ -160,6 +219,16 @@ class DDIMStepOutput:
     mean: Tensor
     std: Tensor
     pred_original_sample: Tensor
+
+
+def _as_timesteps(timestep: Tensor | int) -> Tensor:
+    """An int, 0-d or ``(B,)`` timestep as an int64 tensor of at least one dimension."""
+    return torch.as_tensor(timestep, dtype=torch.int64).reshape(-1)
+
+
+def _shaped(values: Tensor, like: Tensor | None) -> Tensor:
+    """``(B,)`` float64 as is, or broadcastable against ``like`` in its dtype and device."""
+    return values if like is None else _expand(values, like).to(like.device)
 
 
 def _expand(values: Tensor, like: Tensor) -> Tensor:

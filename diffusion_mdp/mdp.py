@@ -80,10 +80,15 @@ class DenoisingMDP:
         prompts: A prompt-set name, list, text file or ``PromptSet``; None: the model's default set.
         num_steps: T, the number of denoising steps (episode length).
         eta: DDIM η of the policy's steps, or for SD3 / FLUX the flow SDE's noise level a (recorded in the
-            schedule the policy reads).
+            schedule the policy reads). η in (0, 1] for training (the actions need a density); η = 0 makes an
+            *evaluation* MDP: deterministic sampling, whose actions are the Gaussian's mean ``schedule.mean(...)``
+            and have no log-probability.
         device: Where latents live (the policy's device).
         components: Already loaded components to share (skips loading ``model``).
         reward_kwargs: Keyword arguments for a named reward's factory (e.g. ``{"device": "cuda"}``).
+        defer_reward: Do not call the reward at the last step: it returns zero rewards and ``info`` holds the
+            batch's ``image``, ``prompt`` and ``metadata``, to be scored later with :meth:`score` (agents score
+            in a background executor, overlapping the next batch's sampling).
     """
 
     def __init__(
@@ -97,13 +102,15 @@ class DenoisingMDP:
         device: torch.device | str = "cpu",
         components: DiffusionComponents | None = None,
         reward_kwargs: Mapping[str, Any] | None = None,
+        defer_reward: bool = False,
     ) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        if not 0 < eta <= 1:
+        if not 0 <= eta <= 1:
             raise ValueError(
-                f"eta must be > 0 and <= 1, got {eta}: η > 0 makes the policy stochastic (the MDP's actions need a "
-                "density); η > 1 makes the DDIM variance exceed the noise level and the sample diverge to NaN"
+                f"eta must be in [0, 1], got {eta}: η > 0 makes the policy stochastic (the MDP's actions need a "
+                "density), η = 0 is deterministic evaluation; η > 1 makes the DDIM variance exceed the noise level "
+                "and the sample diverge to NaN"
             )
         self.num_envs = num_envs
         self.device = _checked_device(device)
@@ -123,9 +130,7 @@ class DenoisingMDP:
         self.latents = torch.zeros((num_envs, *self.latent_shape), device=self.device)
         self.prompt_ids = np.zeros(num_envs, dtype=np.int64)
         self.needs_reset = True
-        # Set by agents that score rewards themselves (in a background executor, overlapping the next batch):
-        # the last step then returns zero rewards and the batch's images, prompts and metadata in ``info``.
-        self.defer_reward = False
+        self.defer_reward = bool(defer_reward)
 
     @property
     def num_steps(self) -> int:
@@ -147,6 +152,7 @@ class DenoisingMDP:
         rngs: Sequence[np.random.Generator],
         env_ids: Sequence[int] | None = None,
         prompt_ids: Sequence[int] | None = None,
+        noise: Tensor | np.ndarray | None = None,
     ) -> None:
         """Start new episodes: c ~ p(c) and x_T ~ N(0, I), drawn with each episode's own generator.
 
@@ -160,12 +166,25 @@ class DenoisingMDP:
                 partial reset is only allowed at the start or end of an episode).
             prompt_ids: Optional prompt index per episode, overriding the drawn one (e.g. k episodes per
                 prompt for group advantages). The generators draw as usual, so the noise is unchanged.
+            noise: Optional x_T per episode, ``(len(env_ids), C, h, w)``, instead of the drawn noise (fixed
+                noise for evaluation). The generators draw as usual, so later episodes are unchanged.
+
+        Raises:
+            ValueError: Wrong number of generators, prompt ids or noises, a prompt id outside the set, or a
+                noise of the wrong shape or with NaN/inf.
         """
         env_ids = list(range(self.num_envs)) if env_ids is None else list(env_ids)
         if len(rngs) != len(env_ids):
             raise ValueError(f"{len(env_ids)} episodes to reset but {len(rngs)} generators")
         if prompt_ids is not None and len(prompt_ids) != len(env_ids):
             raise ValueError(f"{len(env_ids)} episodes to reset but {len(prompt_ids)} prompt ids")
+        if noise is not None:
+            noise = torch.as_tensor(noise, dtype=torch.float32)
+            expected = (len(env_ids), *self.latent_shape)
+            if tuple(noise.shape) != expected:
+                raise ValueError(f"reset noise must have shape {expected} (one x_T per episode), got {noise.shape}")
+            if not bool(torch.isfinite(noise).all()):
+                raise ValueError("reset noise contains NaN or inf")
         for i, (env_id, rng) in enumerate(zip(env_ids, rngs, strict=True)):
             self.prompt_ids[env_id] = self.prompts.sample(rng)
             if prompt_ids is not None:
@@ -174,8 +193,11 @@ class DenoisingMDP:
                     raise ValueError(f"prompt id {prompt_ids[i]} is outside the prompt set's 0..{last}")
                 self.prompt_ids[env_id] = int(prompt_ids[i])
             noise_seed = int(rng.integers(2**63 - 1))
-            noise = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(noise_seed))
-            self.latents[env_id] = noise.to(self.device)
+            if noise is not None:
+                self.latents[env_id] = noise[i].to(self.device)
+            else:
+                x_T = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(noise_seed))
+                self.latents[env_id] = x_T.to(self.device)
         self.step_index = 0
         self.needs_reset = False
 
@@ -246,23 +268,64 @@ class DenoisingMDP:
         """
         prompts = self.prompt_list if prompts is None else list(prompts)
         metadata = [self.prompts.metadata[i] for i in self.prompt_ids] if metadata is None else list(metadata)
-        where = f"reward {self.reward_name!r} on a batch of {len(prompts)} images (prompts {prompts[:4]}...)"
-        try:
-            result = self.reward_fn(images, prompts, metadata)
-        except Exception as exc:
-            raise RewardError(f"{where} raised {type(exc).__name__}: {exc}") from exc
-        if not (isinstance(result, tuple) and len(result) == 2):
-            raise RewardError(f"{where} must return (rewards, info), got {type(result).__name__}")
-        rewards, info = result
-        if info is None or not isinstance(info, Mapping):
-            raise RewardError(f"{where} must return (rewards, info) with info a dict (may be empty), got {info!r}")
-        try:
-            rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError) as exc:
-            raise RewardError(f"{where} returned rewards that are not numbers ({exc})") from exc
-        if rewards.shape != (len(prompts),):
-            raise RewardError(f"{where} returned {rewards.shape[0]} values for {len(prompts)} images")
-        if not np.isfinite(rewards).all():
-            bad = np.flatnonzero(~np.isfinite(rewards)).tolist()
-            raise RewardError(f"{where} returned NaN/inf for samples {bad}")
-        return rewards, dict(info)
+        return score_images(self.reward_fn, self.reward_name, images, prompts, metadata)
+
+
+def score_images(
+    reward_fn: RewardFn,
+    reward_name: str,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    metadata: Sequence[dict[str, Any]],
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Call a reward once on a batch and check what it returns (the one validation of every reward call).
+
+    Args:
+        reward_fn: ``(images, prompts, metadata) -> (rewards, info)``.
+        reward_name: Its name, for error messages.
+        images: uint8 ``(B, H, W, 3)``.
+        prompts, metadata: B each.
+
+    Returns:
+        ``(rewards (B,) float64, info)``.
+
+    Raises:
+        RewardError: The reward raised, or did not return B finite numbers. The message names the reward
+            and the batch's prompts.
+    """
+    prompts, metadata = list(prompts), list(metadata)
+    where = f"reward {reward_name!r} on a batch of {len(prompts)} images (prompts {prompts[:4]}...)"
+    try:
+        result = reward_fn(images, prompts, metadata)
+    except Exception as exc:
+        raise RewardError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise RewardError(f"{where} must return (rewards, info), got {type(result).__name__}")
+    rewards, info = result
+    if info is None or not isinstance(info, Mapping):
+        raise RewardError(f"{where} must return (rewards, info) with info a dict (may be empty), got {info!r}")
+    try:
+        rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise RewardError(f"{where} returned rewards that are not numbers ({exc})") from exc
+    if rewards.shape != (len(prompts),):
+        raise RewardError(f"{where} returned {rewards.shape[0]} values for {len(prompts)} images")
+    if not np.isfinite(rewards).all():
+        bad = np.flatnonzero(~np.isfinite(rewards)).tolist()
+        raise RewardError(f"{where} returned NaN/inf for samples {bad}")
+    return rewards, dict(info)
+
+
+def _single_threaded_after_fork() -> None:
+    """In a forked child, run torch single-threaded.
+
+    A child forked after torch ran an OpenMP parallel region in the parent (any UNet or VAE call) hangs in
+    the next one: the OpenMP thread pool does not survive ``fork``. Gymnasium's ``AsyncVectorEnv`` forks its
+    workers by default, so without this ``gym.make_vec(..., vectorization_mode="async")`` hangs forever. One
+    thread per worker is also what N worker processes on N cores want.
+    """
+    torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_single_threaded_after_fork)

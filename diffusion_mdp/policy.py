@@ -9,7 +9,9 @@ Observations are dicts as the environments return them, batched:
 
 - ``latent``: ``(B, C, h, w)`` x_t (torch tensor or NumPy array),
 - ``timestep``: ``(B,)`` t (may differ across the batch: training minibatches mix timesteps),
-- ``prompt``: ``B`` strings c, or ``prompt_embeds``: ``(B, L, D)`` already encoded prompts.
+- ``prompt``: ``B`` strings c, or ``prompt_embeds``: ``(B, L, D)`` already encoded prompts, or (what the
+  environments return) ``prompt_id``: ``(B,)`` indices into ``prompts``, which :meth:`DiffusionPolicy.from_env`
+  takes from the environment.
 
 Stable Diffusion XL: the UNet also takes the second text encoder's pooled embedding (``text_embeds``) and
 six "time ids" (original size, crop corner, target size) through ``added_cond_kwargs``. To keep one tensor
@@ -85,6 +87,7 @@ class DiffusionPolicy(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.log_prob_reduction: LogProbReduction = log_prob_reduction
         self._prompt_cache: dict[str, Tensor] = {}
+        self.prompts: list[str] = []  # the texts of observations' prompt_id (set by from_env)
         self.is_sdxl = bool(getattr(components, "is_sdxl", False))
         self.family = str(getattr(components, "family", "sd"))
         # SD3 / FLUX: family-specific prompt encoding and network call (diffusion_mdp.families).
@@ -104,7 +107,9 @@ class DiffusionPolicy(nn.Module):
     def from_env(cls, env: Any, **kwargs: Any) -> DiffusionPolicy:
         """Build the policy of an environment's model and schedule (sharing its loaded modules)."""
         base = env.unwrapped if hasattr(env, "unwrapped") else env
-        return cls(base.components, base.schedule, **kwargs)
+        policy = cls(base.components, base.schedule, **kwargs)
+        policy.prompts = list(getattr(base, "prompts", []))
+        return policy
 
     @property
     def text_encoder(self) -> nn.Module:
@@ -295,9 +300,17 @@ class DiffusionPolicy(nn.Module):
             latents, timesteps = latents[None], timesteps.reshape(1)
         if "prompt_embeds" in obs:
             embeds = torch.as_tensor(obs["prompt_embeds"], device=self.device)
-        else:
+        elif "prompt" in obs:
             prompts = obs["prompt"]
             embeds = self.encode_prompts([prompts] if isinstance(prompts, str) else list(prompts))
+        else:
+            if not self.prompts:
+                raise ValueError(
+                    "the observation has prompt_id but no prompt text: build the policy with "
+                    "DiffusionPolicy.from_env(env) (it reads env.prompts), or add obs['prompt']"
+                )
+            ids = torch.as_tensor(obs["prompt_id"]).reshape(-1).tolist()
+            embeds = self.encode_prompts([self.prompts[int(i)] for i in ids])
         if not (latents.shape[0] == timesteps.shape[0] == embeds.shape[0]):
             raise ValueError(
                 f"batch sizes differ: latent {latents.shape[0]}, timestep {timesteps.shape[0]}, "

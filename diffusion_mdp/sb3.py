@@ -8,7 +8,9 @@ Two pieces are enough for ``stable_baselines3.PPO`` to train a diffusion model:
   (the policy maps it back to the prompt string). It can also normalise the terminal reward per prompt
   (DDPO's stat tracker) before SB3 sees it: with γ = λ = 1 and no critic, SB3's GAE then produces exactly
   DDPO's advantages (see :func:`ddpo_ppo_kwargs`). The raw reward stays in ``info["episode"]["r"]``, which
-  is what SB3 logs as ``rollout/ep_rew_mean``.
+  is what SB3 logs as ``rollout/ep_rew_mean``. To put SB3's ``VecMonitor`` in between (it sums the rewards
+  it sees), normalise *outside* it: ``NormalizeTerminalReward(VecMonitor(DenoisingSB3VecEnv(...,
+  reward_normalization="none")))`` — :func:`make_sb3_env` with ``monitor=True`` builds that chain.
 - :class:`DiffusionActorCriticPolicy` is an ``ActorCriticPolicy`` whose action distribution is the
   DDIM step's Gaussian N(μ_θ(x_t, t, c), σ_t² I) from :class:`~diffusion_mdp.policy.DiffusionPolicy`
   (σ_t fixed by the schedule: a per-timestep log-std, not a learned one), with DDPO's log-prob convention
@@ -41,7 +43,7 @@ from gymnasium import spaces
 from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import Schedule
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecMonitor
 from torch import Tensor, nn
 
 from diffusion_mdp.ddim import LogProbReduction, gaussian_log_prob
@@ -123,6 +125,7 @@ class DenoisingSB3VecEnv(VecEnv):
 
         self.stat_tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
         self._actions: np.ndarray | None = None
+        self._policy_checked = False
         self._episode_start = time.time()
         self.last_images: np.ndarray | None = None
         self.last_raw_rewards: np.ndarray | None = None
@@ -167,22 +170,14 @@ class DenoisingSB3VecEnv(VecEnv):
         return self._convert(obs)
 
     def step_async(self, actions: np.ndarray) -> None:
+        if not self._policy_checked:
+            self._policy_checked = True
+            _refuse_stock_policy()
         self._actions = actions
 
     def normalize(self, rewards: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """The terminal reward SB3 trains on, ``(N,)``: normalised per prompt / batch, or raw."""
-        if self.reward_normalization == "none":
-            return rewards
-        if self.reward_normalization == "per_prompt":
-            normalised = self.stat_tracker.update(list(prompts), rewards)
-        elif self.reward_normalization == "group":
-            from diffusion_mdp.agents.advantages import group_statistics
-
-            mean, std = group_statistics(np.arange(self.num_envs) // self.group_size, rewards)
-            normalised = (rewards - mean) / std
-        else:
-            normalised = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
-        return np.clip(normalised, -self.adv_clip_max, self.adv_clip_max)
+        return _normalize(self, self.reward_normalization, rewards, prompts)
 
     def step_wait(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, list[dict[str, Any]]]:
         assert self._actions is not None, "step_async() first"
@@ -203,7 +198,7 @@ class DenoisingSB3VecEnv(VecEnv):
                     "terminal_observation": {key: value[i] for key, value in final.items()},
                     "episode": {"r": float(raw[i]), "l": length, "t": elapsed},  # what SB3 logs
                     "raw_reward": float(raw[i]),
-                    "prompt": info["prompt"][i],
+                    "prompt": str(info["prompt"][i]),
                     "TimeLimit.truncated": False,
                 }
             self.last_images, self.last_raw_rewards, self.last_prompts = info["image"], raw, list(info["prompt"])
@@ -226,6 +221,100 @@ class DenoisingSB3VecEnv(VecEnv):
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: Any = None) -> list[bool]:
         return [False for _ in self._get_indices(indices)]
+
+
+def _normalize(owner: Any, mode: RewardNormalization, rewards: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+    """DDPO's terminal-reward normalisation with ``owner``'s tracker, group size and clip, ``(N,)``."""
+    if mode == "none":
+        return rewards
+    if mode == "per_prompt":
+        normalised = owner.stat_tracker.update(list(prompts), rewards)
+    elif mode == "group":
+        from diffusion_mdp.agents.advantages import group_statistics
+
+        mean, std = group_statistics(np.arange(len(rewards)) // owner.group_size, rewards)
+        normalised = (rewards - mean) / std
+    else:
+        normalised = (rewards - rewards.mean()) / (rewards.std() + 1e-6)
+    return np.clip(normalised, -owner.adv_clip_max, owner.adv_clip_max)
+
+
+class NormalizeTerminalReward(VecEnvWrapper):
+    """DDPO's terminal-reward normalisation as an SB3 wrapper, to sit *outside* ``VecMonitor``.
+
+    ``VecMonitor`` records the rewards it sees as ``info["episode"]["r"]`` (SB3's ``ep_rew_mean``); under
+    this wrapper those are the raw rewards, while the algorithm trains on the normalised ones.
+
+    Args:
+        venv: A (possibly monitored) :class:`DenoisingSB3VecEnv` built with ``reward_normalization="none"``.
+        reward_normalization: ``"per_prompt"``, ``"group"`` or ``"batch"`` (see :class:`DenoisingSB3VecEnv`).
+        stat_buffer_size, stat_min_count, adv_clip_max: As for :class:`DenoisingSB3VecEnv`.
+    """
+
+    def __init__(
+        self,
+        venv: VecEnv,
+        reward_normalization: RewardNormalization = "per_prompt",
+        stat_buffer_size: int = 32,
+        stat_min_count: int = 4,
+        adv_clip_max: float = 5.0,
+    ) -> None:
+        from diffusion_mdp.agents.advantages import PerPromptStatTracker
+
+        super().__init__(venv)
+        inner = _adapter(venv).reward_normalization
+        if inner != "none":
+            raise ValueError(
+                f"the wrapped adapter already normalises its rewards ({inner!r}): build it with "
+                "reward_normalization='none' and normalise here only"
+            )
+        self.reward_normalization = reward_normalization
+        self.group_size = _adapter(venv).group_size
+        if reward_normalization == "group" and self.group_size < 2:
+            raise ValueError("reward_normalization='group' needs the adapter's group_size >= 2")
+        self.stat_tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
+        self.adv_clip_max = adv_clip_max
+
+    def reset(self) -> Any:
+        return self.venv.reset()
+
+    def step_wait(self) -> Any:
+        obs, rewards, dones, infos = self.venv.step_wait()
+        if dones.all():
+            prompts = [info["prompt"] for info in infos]
+            rewards = _normalize(self, self.reward_normalization, np.asarray(rewards, np.float64), prompts)
+        return obs, np.asarray(rewards, dtype=np.float32), dones, infos
+
+
+def _refuse_stock_policy() -> None:
+    """Warn when an SB3 algorithm drives the adapter with a policy that never touches the UNet.
+
+    A stock policy (``PPO("MultiInputPolicy", env)``) runs: it trains an MLP on flattened latents and
+    leaves the diffusion model as it was, which is almost never what was meant. The algorithm is the
+    caller a few frames up (``collect_rollouts`` -> ``VecEnv.step`` -> ``step_async``).
+    """
+    import inspect
+    import warnings
+
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    frame = inspect.currentframe()
+    for _ in range(8):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return
+        algorithm = frame.f_locals.get("self")
+        if isinstance(algorithm, BaseAlgorithm):
+            if not isinstance(algorithm.policy, DiffusionActorCriticPolicy):
+                warnings.warn(
+                    f"{type(algorithm).__name__} drives the denoising env with {type(algorithm.policy).__name__}, "
+                    "which never updates the diffusion model (it trains an MLP on flattened latents). Use "
+                    f"{type(algorithm).__name__}(DiffusionActorCriticPolicy, env, "
+                    "policy_kwargs=diffusion_policy_kwargs(env), ...)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,7 +488,7 @@ def diffusion_policy_kwargs(
         value_head: See :class:`DiffusionActorCriticPolicy`.
         diffusion_policy: Use this actor instead of building one (its UNet is trained in place).
     """
-    policy = diffusion_policy or DiffusionPolicy.from_env(env.venv, guidance_scale=guidance_scale)
+    policy = diffusion_policy or DiffusionPolicy.from_env(_adapter(env).venv, guidance_scale=guidance_scale)
     if diffusion_policy is None:
         if lora_rank:
             from diffusion_mdp.agents.base import add_lora
@@ -408,10 +497,12 @@ def diffusion_policy_kwargs(
         else:
             policy.unet.requires_grad_(True)
     # AdamW with DDPO's weight decay (torch's default, 1e-2, would pull the LoRA towards 0 a hundred times harder).
+    # Named explicitly: A2C swaps in RMSprop unless policy_kwargs names an optimizer.
     return {
         "diffusion_policy": policy,
-        "prompts": env.prompts,
+        "prompts": _adapter(env).prompts,
         "value_head": value_head,
+        "optimizer_class": torch.optim.AdamW,
         "optimizer_kwargs": {"weight_decay": 1e-4, "eps": 1e-8},
     }
 
@@ -432,7 +523,7 @@ def ddpo_ppo_kwargs(env: DenoisingSB3VecEnv, batch_size: int | None = None, **ov
         batch_size: SB3 minibatch size in (step, episode) pairs; default N·T (one optimiser step per rollout).
         **overrides: Any other ``PPO`` keyword.
     """
-    n_steps = env.venv.mdp.num_steps
+    n_steps = _adapter(env).mdp.num_steps
     kwargs: dict[str, Any] = {
         "n_steps": n_steps,
         "batch_size": batch_size or n_steps * env.num_envs,
@@ -451,19 +542,74 @@ def ddpo_ppo_kwargs(env: DenoisingSB3VecEnv, batch_size: int | None = None, **ov
     return kwargs
 
 
+def ddpo_a2c_kwargs(env: VecEnv, **overrides: Any) -> dict[str, Any]:
+    """``A2C(...)`` settings under which SB3's A2C computes DDPO-SF's loss (REINFORCE with DDPO's advantages).
+
+    A2C's policy loss is -(A · log π).mean() over one rollout: with ``n_steps = T``, γ = λ = 1, no critic and
+    the adapter's normalised terminal reward as A, that is DDPO-SF, one update per batch of N episodes.
+    The optimiser is the one :func:`diffusion_policy_kwargs` names (AdamW): A2C's RMSprop default only
+    applies when ``policy_kwargs`` names none. A2C has no ``batch_size``, ``n_epochs`` or ``clip_range``.
+
+    Args:
+        env: The adapter (or a wrapper of it).
+        **overrides: Any other ``A2C`` keyword.
+    """
+    kwargs: dict[str, Any] = {
+        "n_steps": _adapter(env).mdp.num_steps,
+        "gamma": 1.0,
+        "gae_lambda": 1.0,
+        "normalize_advantage": False,
+        "ent_coef": 0.0,
+        "vf_coef": 0.0,
+        "max_grad_norm": 1.0,
+        "learning_rate": 3e-4,
+        "device": "cpu",
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def _adapter(env: VecEnv) -> DenoisingSB3VecEnv:
+    """The :class:`DenoisingSB3VecEnv` inside SB3 wrappers."""
+    inner: Any = env
+    while not isinstance(inner, DenoisingSB3VecEnv):
+        if not hasattr(inner, "venv"):
+            raise TypeError(f"expected a DenoisingSB3VecEnv (or an SB3 wrapper of one), got {type(env).__name__}")
+        inner = inner.venv
+    return inner
+
+
 def make_sb3_env(
     num_envs: int,
     model: str | os.PathLike[str] | None = None,
+    monitor: bool = False,
     **kwargs: Any,
-) -> DenoisingSB3VecEnv:
-    """Shorthand: ``DenoisingSB3VecEnv(num_envs, model=model, **kwargs)``."""
-    return DenoisingSB3VecEnv(num_envs=num_envs, model=model, **kwargs)
+) -> VecEnv:
+    """``DenoisingSB3VecEnv(num_envs, model=model, **kwargs)``; with ``monitor=True``, monitored raw rewards.
+
+    ``monitor=True`` builds ``NormalizeTerminalReward(VecMonitor(DenoisingSB3VecEnv(..., reward_normalization=
+    "none")), reward_normalization)``: ``VecMonitor`` reports the raw rewards, the algorithm trains on the
+    normalised ones (the adapter's ``reward_normalization``, ``stat_buffer_size``, ``stat_min_count`` and
+    ``adv_clip_max`` go to the outer wrapper).
+    """
+    if not monitor:
+        return DenoisingSB3VecEnv(num_envs=num_envs, model=model, **kwargs)
+    normalization = {
+        key: kwargs.pop(key)
+        for key in ("reward_normalization", "stat_buffer_size", "stat_min_count", "adv_clip_max")
+        if key in kwargs
+    }
+    mode = normalization.pop("reward_normalization", "per_prompt")
+    monitored = VecMonitor(DenoisingSB3VecEnv(num_envs=num_envs, model=model, reward_normalization="none", **kwargs))
+    return monitored if mode == "none" else NormalizeTerminalReward(monitored, mode, **normalization)
 
 
 __all__ = [
     "DDIMGaussianDistribution",
     "DenoisingSB3VecEnv",
     "DiffusionActorCriticPolicy",
+    "NormalizeTerminalReward",
+    "ddpo_a2c_kwargs",
     "ddpo_ppo_kwargs",
     "diffusion_policy_kwargs",
     "make_sb3_env",

@@ -8,16 +8,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from gymnasium.envs.registration import EnvSpec
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from diffusion_mdp.ddim import DDIMSchedule
 from diffusion_mdp.mdp import DEFAULT_REWARD, DenoisingMDP, decode_latents
 from diffusion_mdp.models import DiffusionComponents
 from diffusion_mdp.prompts import PromptSet
 from diffusion_mdp.rewards import RewardFn
 
-from .denoising import action_space_for, observation_space_for
+from .denoising import action_space_for, observation_space_for, portable_spec, reset_options
 
 
 class DenoisingVectorEnv(VectorEnv):
@@ -25,32 +27,46 @@ class DenoisingVectorEnv(VectorEnv):
 
     Unlike ``SyncVectorEnv`` over N ``DenoisingEnv``, the batch is native: the N latents are one tensor, and
     at the end of the episodes the VAE decodes them in one call and the reward scores them in one call.
-    All sub-environments start and end together (every episode lasts ``num_steps`` steps).
+    All sub-environments start and end together (every episode lasts ``num_steps`` steps). Apart from
+    that speed it behaves exactly as ``gym.make_vec(..., vectorization_mode="sync")`` with the same
+    ``autoreset_mode``: the same observations, rewards, episode lengths and ``info`` layout.
 
     Seeding follows Gymnasium's convention: ``reset(seed=s)`` seeds sub-environment i with ``s + i``, and
     with the same actions the batch reproduces N ``DenoisingEnv`` seeded ``s, s + 1, ...`` exactly.
+    ``get_rng_state()`` / ``set_rng_state()`` save and restore the N generators (exact resume).
 
     Observations are a dict of batched arrays: ``latent`` ``(N, C, h, w)`` float32, ``timestep`` ``(N,)``
-    int64, ``prompt`` a tuple of N strings, ``prompt_id`` ``(N,)`` int64. With ``torch_obs=True`` (the fast
-    mode) ``latent``, ``timestep`` and ``prompt_id`` are torch tensors on ``device`` and actions may be
+    int64, ``prompt_id`` ``(N,)`` int64. The prompts' texts are ``info["prompt"]`` (an object array of N
+    strings) after ``reset`` and at the last step, and ``env.prompts[prompt_id]`` at any time. With
+    ``torch_obs=True`` (the fast mode) the observations are torch tensors on ``device`` and actions may be
     tensors on ``device``: a GPU rollout never copies latents through NumPy.
 
-    Autoreset (``metadata["autoreset_mode"]``):
-    - ``AutoresetMode.SAME_STEP`` (default): the step that ends the episodes returns the *new* episodes'
-      first observation; the terminal observation is ``info["final_obs"]`` (a batched dict, like the
-      observations) and ``info["final_info"]`` holds the terminal info.
-    - ``AutoresetMode.DISABLED``: the terminal step returns the terminal observation; call ``reset()``.
+    ``reset(options=...)``: ``{"prompt_ids": (N,) ints}`` fixes the prompts, ``{"noise": (N, C, h, w)}`` the
+    initial latents x_T (fixed-noise evaluation); the generators draw as usual either way.
+
+    Autoreset (the ``autoreset_mode`` attribute and ``metadata["autoreset_mode"]``, as Gymnasium's own
+    vector envs):
+    - ``AutoresetMode.NEXT_STEP`` (default, Gymnasium's default, accepted by ``gymnasium.wrappers.vector``):
+      the step that ends the episodes returns their terminal observation; the *next* ``step`` ignores its
+      actions and starts new episodes (reward 0, not terminated, ``info`` as after ``reset``).
+    - ``AutoresetMode.SAME_STEP``: the step that ends the episodes returns the new episodes' first
+      observation and ``info`` of ``reset``; the terminal observation is ``info["final_obs"]`` (a batched
+      dict, like the observations) and the terminal info ``info["final_info"]``.
+    - ``AutoresetMode.DISABLED``: after the last step, call ``reset()`` (the agents' mode).
 
     At the terminal step ``info`` holds ``image`` (uint8 ``(N, H, W, 3)``), ``prompt`` (N strings) and
-    ``reward_info``, each with a ``_<key>`` mask (all True), as Gymnasium's vector infos do.
+    ``reward_info`` (arrays of N), each with a ``_<key>`` mask (all True), as Gymnasium's vector infos do.
 
     Args:
         num_envs: N.
-        model, reward, prompts, num_steps, eta, device, components, reward_kwargs: as for ``DenoisingEnv``.
+        model, reward, prompts, num_steps, eta, device, components, reward_kwargs, defer_reward: as for
+            ``DenoisingEnv``.
         torch_obs: Return torch observations on ``device`` (the fast mode).
-        autoreset_mode: ``AutoresetMode.SAME_STEP`` or ``AutoresetMode.DISABLED`` (or their string values).
+        autoreset_mode: An ``AutoresetMode`` (or its string value), see above.
         render_mode: ``"rgb_array"``: ``render()`` returns the N current latents decoded.
     """
+
+    _spec: EnvSpec | None = None
 
     def __init__(
         self,
@@ -62,32 +78,38 @@ class DenoisingVectorEnv(VectorEnv):
         eta: float = 1.0,
         device: torch.device | str = "cpu",
         torch_obs: bool = False,
-        autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         render_mode: str | None = None,
         components: DiffusionComponents | None = None,
         reward_kwargs: Mapping[str, Any] | None = None,
+        defer_reward: bool = False,
     ) -> None:
-        autoreset_mode = AutoresetMode(autoreset_mode)
-        if autoreset_mode not in (AutoresetMode.SAME_STEP, AutoresetMode.DISABLED):
-            raise ValueError(
-                "DenoisingVectorEnv supports autoreset_mode SAME_STEP or DISABLED (all episodes end together), "
-                f"got {autoreset_mode}"
-            )
+        try:
+            autoreset_mode = AutoresetMode(autoreset_mode)
+        except ValueError as exc:
+            modes = [mode.value for mode in AutoresetMode]
+            raise ValueError(f"autoreset_mode must be one of {modes}, got {autoreset_mode!r}") from exc
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
-        self.mdp = DenoisingMDP(num_envs, model, reward, prompts, num_steps, eta, device, components, reward_kwargs)
+        self.mdp = DenoisingMDP(
+            num_envs, model, reward, prompts, num_steps, eta, device, components, reward_kwargs, defer_reward
+        )
         self.num_envs = num_envs
         self.torch_obs = torch_obs
         self.render_mode = render_mode
+        self.autoreset_mode = autoreset_mode
         self.metadata = {"render_modes": ["rgb_array"], "autoreset_mode": autoreset_mode}
         self.single_observation_space = observation_space_for(self.mdp)
         self.single_action_space = action_space_for(self.mdp)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._rngs = [seeding.np_random()[0] for _ in range(num_envs)]
+        self._every = np.ones(num_envs, dtype=bool)
+        self._autoreset_pending = False  # NEXT_STEP: the last step ended the episodes
 
     @property
-    def schedule(self) -> Any:
+    def schedule(self) -> DDIMSchedule:
+        """The MDP's DDIM schedule: σ_t, α_t, α_{t-1}, t_prev and μ_θ per timestep (see ``diffusion_mdp.ddim``)."""
         return self.mdp.schedule
 
     @property
@@ -98,6 +120,30 @@ class DenoisingVectorEnv(VectorEnv):
     def device(self) -> torch.device:
         return self.mdp.device
 
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt set's texts in ``prompt_id`` order."""
+        return self.mdp.prompts.prompts
+
+    @property
+    def spec(self) -> EnvSpec | None:  # type: ignore[override]
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: EnvSpec | None) -> None:
+        self._spec = portable_spec(value)
+
+    def get_rng_state(self) -> list[dict[str, Any]]:
+        """The N sub-environments' generator states (NumPy ``bit_generator.state`` dicts)."""
+        return [rng.bit_generator.state for rng in self._rngs]
+
+    def set_rng_state(self, state: Sequence[dict[str, Any]]) -> None:
+        """Restore the states from :meth:`get_rng_state`."""
+        if len(state) != self.num_envs:
+            raise ValueError(f"{self.num_envs} sub-environments but {len(state)} generator states")
+        for rng, rng_state in zip(self._rngs, state, strict=True):
+            rng.bit_generator.state = rng_state
+
     def _observation(self) -> dict[str, Any]:
         mdp = self.mdp
         timesteps = np.full(self.num_envs, mdp.timestep, dtype=np.int64)
@@ -105,22 +151,23 @@ class DenoisingVectorEnv(VectorEnv):
             return {
                 "latent": mdp.latents.clone(),
                 "timestep": torch.from_numpy(timesteps).to(mdp.device),
-                "prompt": tuple(mdp.prompt_list),
                 "prompt_id": torch.from_numpy(mdp.prompt_ids.copy()).to(mdp.device),
             }
         return {
             "latent": mdp.latents.cpu().numpy().astype(np.float32),
             "timestep": timesteps,
-            "prompt": tuple(mdp.prompt_list),
             "prompt_id": mdp.prompt_ids.copy(),
         }
+
+    def _reset_info(self) -> dict[str, Any]:
+        return {"prompt": _array(self.mdp.prompt_list), "_prompt": self._every}
 
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Start N new episodes. ``seed``: an int (sub-env i gets ``seed + i``) or one seed per sub-env.
 
-        ``options={"prompt_ids": [...]}`` fixes each sub-env's prompt index (the noise is drawn as usual).
+        ``options``: ``{"prompt_ids": (N,) ints, "noise": (N, C, h, w) x_T}``, both optional.
         """
         if seed is not None:
             if isinstance(seed, np.integer):  # np.int64 from NumPy code: the same as the int
@@ -139,36 +186,66 @@ class DenoisingVectorEnv(VectorEnv):
             self._rngs = [
                 seeding.np_random(s)[0] if s is not None else rng for s, rng in zip(seeds, self._rngs, strict=True)
             ]
-        self.mdp.reset(self._rngs, prompt_ids=(options or {}).get("prompt_ids"))
-        return self._observation(), {}
+        self.mdp.reset(self._rngs, **reset_options(options, self.num_envs))
+        self._autoreset_pending = False
+        return self._observation(), self._reset_info()
 
     def step(
         self, actions: np.ndarray | torch.Tensor
     ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        truncations = np.zeros(self.num_envs, dtype=bool)
+        if self._autoreset_pending:  # NEXT_STEP: this step's actions are ignored, new episodes start
+            self.mdp.reset(self._rngs)
+            self._autoreset_pending = False
+            return self._observation(), np.zeros(self.num_envs), truncations.copy(), truncations, self._reset_info()
         rewards, terminated, batch_info = self.mdp.step(actions)
         terminations = np.full(self.num_envs, terminated)
-        truncations = np.zeros(self.num_envs, dtype=bool)
         if not terminated:
             return self._observation(), rewards, terminations, truncations, {}
-        every = np.ones(self.num_envs, dtype=bool)
-        info: dict[str, Any] = {}
-        for key, value in batch_info.items():
-            info[key], info[f"_{key}"] = value, every
+        info = _vector_info(batch_info, self._every)
         observation = self._observation()
-        if self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
-            final_info = info
-            info = {
-                "final_obs": observation,
-                "_final_obs": every,
-                "final_info": final_info,
-                "_final_info": every,
-            }
-            info.update(final_info)
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            self._autoreset_pending = True
+        elif self.autoreset_mode == AutoresetMode.SAME_STEP:
+            final_obs, final_info = observation, info
             self.mdp.reset(self._rngs)
             observation = self._observation()
+            info = {
+                "final_obs": final_obs,
+                "_final_obs": self._every,
+                "final_info": final_info,
+                "_final_info": self._every,
+                **self._reset_info(),
+            }
         return observation, rewards, terminations, truncations, info
 
     def render(self) -> tuple[np.ndarray, ...] | None:
         if self.render_mode is None:
             return None
         return tuple(decode_latents(self.mdp.components.vae, self.mdp.latents))
+
+
+def _array(values: Sequence[Any]) -> np.ndarray:
+    """N per-episode values as a ``(N,)`` array; strings and dicts as an object array (as Gymnasium's infos)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = list(values)
+    return array
+
+
+def _vector_info(batch_info: Mapping[str, Any], every: np.ndarray) -> dict[str, Any]:
+    """The MDP's batch info as Gymnasium vector info: every entry an array of N, with a ``_<key>`` mask."""
+    num_envs = len(every)
+    info: dict[str, Any] = {}
+    for key, value in batch_info.items():
+        if isinstance(value, Mapping):
+            info[key] = _vector_info(value, every)
+        elif isinstance(value, np.ndarray) and value.ndim >= 1 and len(value) == num_envs:
+            info[key] = value
+        elif isinstance(value, list | tuple) and len(value) == num_envs:
+            info[key] = np.asarray(value) if value and isinstance(value[0], int | float | np.number) else _array(value)
+        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and len(value) == num_envs:
+            info[key] = value.detach().cpu().numpy()
+        else:  # one value for the whole batch: every sub-env gets it
+            info[key] = _array([value] * num_envs)
+        info[f"_{key}"] = every
+    return info
