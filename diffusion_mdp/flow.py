@@ -172,6 +172,16 @@ class FlowMatchSchedule:
             levels[stop:] = 0.0
         return levels
 
+    def model_time(self, timestep: Tensor) -> Tensor:
+        """The network's exact time input t_k = 1000 σ_k ``(B,)`` float64 for observation timesteps ``(B,)``."""
+        return self.model_timesteps.to(timestep.device)[self.step_index(timestep)]
+
+    def mean(self, model_output: Tensor, timestep: Tensor, sample: Tensor) -> Tensor:
+        """The step's Gaussian mean ``(B, C, H, W)`` for a velocity ``model_output`` at (x_t, t) (the ODE step
+        where the noise level is 0), as ``DDIMSchedule.mean`` is for DDIM."""
+        timestep = timestep.reshape(-1).expand(sample.shape[0]) if timestep.numel() == 1 else timestep
+        return flow_step_with_logprob(self, model_output, timestep, sample, noise=torch.zeros_like(sample)).mean
+
     def step_index(self, timestep: Tensor) -> Tensor:
         """The step k ``(B,)`` int64 of each timestep ``(B,)`` (rounded or exact t values of this schedule).
 

@@ -118,5 +118,4 @@ def model_time(policy: Any, timesteps: Tensor) -> Tensor:
     """
     if timesteps.is_floating_point():
         return timesteps.to(torch.float64)
-    schedule = policy.schedule
-    return schedule.model_timesteps.to(timesteps.device)[schedule.step_index(timesteps)]
+    return policy.schedule.model_time(timesteps)
