@@ -31,7 +31,7 @@ output). With those, π_θ(· | s_t) is ``torch.distributions.Normal(schedule.me
 schedule.std_dev_t(t))``:
 
 >>> from diffusers import DDIMScheduler
->>> schedule = DDIMSchedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False), num_steps=10)
+>>> schedule = DDIMSchedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False, steps_offset=1), num_steps=10)
 >>> t = schedule.timesteps[-1:]                      # the last step: t - Δ < 0
 >>> int(t), int(schedule.t_prev(t)), float(schedule.alpha_prod_t_prev(t)) == float(schedule.alphas_cumprod[0])
 (1, 0, True)
@@ -295,7 +295,7 @@ def ddim_step_with_logprob(
         A :class:`DDIMStepOutput`.
 
     >>> from diffusers import DDIMScheduler
-    >>> schedule = DDIMSchedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False), num_steps=10)
+    >>> schedule = DDIMSchedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False, steps_offset=1), num_steps=10)
     >>> x_t = torch.randn(2, 4, 8, 8)
     >>> out = ddim_step_with_logprob(schedule, torch.randn(2, 4, 8, 8), schedule.timesteps[[0, 9]], x_t)
     >>> out.prev_sample.shape, out.log_prob.shape
