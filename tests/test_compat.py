@@ -215,3 +215,45 @@ def test_torchrl_gym_wrapper_specs_and_rollout(reference_components: Any, vector
     rewards = rollout["next", "reward"]
     assert rollout["next", "done"][..., -1, :].all() and not rollout["next", "done"][..., :-1, :].any()
     assert (rewards[..., :-1, :] == 0).all() and (rewards[..., -1, :] > 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Your own algorithm: the schedule's API and the example that uses nothing else
+# --------------------------------------------------------------------------------------------------
+def test_schedule_api_gives_the_policys_gaussian_at_every_step(reference_components: Any) -> None:
+    """Normal(schedule.mean(ε, t, x_t), schedule.std_dev_t(t)) is DiffusionPolicy's π, the last step included."""
+    from torch.distributions import Normal
+
+    from diffusion_mdp.policy import DiffusionPolicy
+
+    envs = make_vec(reference_components, num_envs=2, num_steps=4, torch_obs=True, autoreset_mode="Disabled")
+    schedule = envs.unwrapped.schedule
+    policy = DiffusionPolicy.from_env(envs, guidance_scale=1.0)
+    obs, info = envs.reset(seed=0)
+    cond = policy.encode_prompts(list(info["prompt"]))
+    for k in range(4):
+        x_t, t = obs["latent"], obs["timestep"]
+        with torch.no_grad():
+            epsilon = policy.unet(x_t, t, encoder_hidden_states=cond).sample
+        pi = Normal(schedule.mean(epsilon, t, x_t), schedule.std_dev_t(t, like=x_t))
+        action = pi.sample()
+        with torch.no_grad():
+            expected = policy.log_prob(obs, action)
+        torch.testing.assert_close(pi.log_prob(action).mean(dim=(1, 2, 3)), expected)
+        assert int(schedule.t_prev(t)[0]) == (int(schedule.timesteps[k + 1]) if k < 3 else 0)
+        assert torch.isfinite(schedule.alpha_prod_t_prev(t)).all() and (schedule.std_dev_t(t) > 0).all()
+        obs, *_ = envs.step(action)
+
+
+def test_no_policy_class_example_trains_the_unet(reference_pipeline: Path, tmp_path: Path, monkeypatch) -> None:
+    import json
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "no_policy_class.py"
+    argv = ["--model", str(reference_pipeline), "--envs", "2", "--steps", "2", "--iterations", "2",
+            "--lr", "1e-3", "--out", str(tmp_path), "--smoke"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["weight_change"] > 0 and np.isfinite([result["reward_first"], result["reward_last"]]).all()
