@@ -31,7 +31,8 @@ output). With those, π_θ(· | s_t) is ``torch.distributions.Normal(schedule.me
 schedule.std_dev_t(t))``:
 
 >>> from diffusers import DDIMScheduler
->>> schedule = DDIMSchedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False, steps_offset=1), num_steps=10)
+>>> scheduler = DDIMScheduler(set_alpha_to_one=False, steps_offset=1)  # Stable Diffusion's settings
+>>> schedule = DDIMSchedule.from_scheduler(scheduler, num_steps=10)
 >>> t = schedule.timesteps[-1:]                      # the last step: t - Δ < 0
 >>> int(t), int(schedule.t_prev(t)), float(schedule.alpha_prod_t_prev(t)) == float(schedule.alphas_cumprod[0])
 (1, 0, True)

@@ -4,8 +4,8 @@ Two pieces are enough for ``stable_baselines3.PPO`` to train a diffusion model:
 
 - :class:`DenoisingSB3VecEnv` wraps the natively batched :class:`~diffusion_mdp.envs.DenoisingVectorEnv` as
   an SB3 ``VecEnv`` (one UNet batch, one decode, one reward call per step — not N copies of a single env).
-  SB3 cannot store ``Text`` observations, so the adapter drops ``prompt`` and keeps ``prompt_id``
-  (the policy maps it back to the prompt string). It can also normalise the terminal reward per prompt
+  Its observations are the env's arrays (``latent``, ``timestep``, ``prompt_id``); the policy maps
+  ``prompt_id`` back to the prompt string. It can also normalise the terminal reward per prompt
   (DDPO's stat tracker) before SB3 sees it: with γ = λ = 1 and no critic, SB3's GAE then produces exactly
   DDPO's advantages (see :func:`ddpo_ppo_kwargs`). The raw reward stays in ``info["episode"]["r"]``, which
   is what SB3 logs as ``rollout/ep_rew_mean``. To put SB3's ``VecMonitor`` in between (it sums the rewards
@@ -48,7 +48,6 @@ from torch import Tensor, nn
 
 from diffusion_mdp.ddim import LogProbReduction, gaussian_log_prob
 from diffusion_mdp.envs import DenoisingVectorEnv
-from diffusion_mdp.mdp import LATENT_BOUND
 from diffusion_mdp.policy import DiffusionPolicy
 
 RewardNormalization = Literal["per_prompt", "group", "batch", "none"]
@@ -110,14 +109,8 @@ class DenoisingSB3VecEnv(VecEnv):
         self.venv = DenoisingVectorEnv(num_envs=num_envs, **env_kwargs)
         self.group_size = group_size
         self._prompt_rng = np.random.default_rng(seed)
-        mdp = self.venv.mdp
-        observation_space = spaces.Dict(
-            {
-                "latent": spaces.Box(-LATENT_BOUND, LATENT_BOUND, mdp.latent_shape, dtype=np.float32),
-                "timestep": spaces.Discrete(mdp.schedule.num_train_timesteps),
-                "prompt_id": spaces.Discrete(len(mdp.prompts)),
-            }
-        )
+        # The env's own (array-only) observation space: latent, timestep, prompt_id.
+        observation_space = self.venv.single_observation_space
         super().__init__(num_envs, observation_space, self.venv.single_action_space)
         self.reward_normalization = reward_normalization
         self.adv_clip_max = adv_clip_max
@@ -141,7 +134,7 @@ class DenoisingSB3VecEnv(VecEnv):
         return list(self.venv.mdp.prompts.prompts)
 
     def _convert(self, obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        # Drop the Text observation: SB3's buffers store arrays only; prompt_id names the prompt.
+        # SB3's buffers store NumPy arrays; prompt_id names the prompt.
         return {
             "latent": np.asarray(obs["latent"], dtype=np.float32),
             "timestep": np.asarray(obs["timestep"], dtype=np.int64),

@@ -35,15 +35,15 @@ def test_gym_make_builds_the_registered_classes(reference_pipeline) -> None:
     assert isinstance(env.unwrapped, DenoisingEnv)
     venv = gym.make_vec("DenoisingMDP-v0", num_envs=2, model=reference_pipeline, prompts=PROMPTS, num_steps=2)
     assert isinstance(venv, DenoisingVectorEnv) and venv.num_envs == 2
-    assert venv.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+    assert venv.autoreset_mode == venv.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
 
 
 def test_episode_runs_to_a_terminal_reward(reference_components) -> None:
     env = make_env(reference_components)
-    obs, _ = env.reset(seed=0)
+    obs, reset_info = env.reset(seed=0)
     schedule = env.unwrapped.schedule
-    assert obs["timestep"] == schedule.timesteps[0] and obs["prompt"] in PROMPTS
-    assert obs["prompt"] == PROMPTS[obs["prompt_id"]]
+    assert obs["timestep"] == schedule.timesteps[0] and set(obs) == {"latent", "timestep", "prompt_id"}
+    assert reset_info["prompt"] == PROMPTS[obs["prompt_id"]] == env.unwrapped.prompts[obs["prompt_id"]]
     rewards = []
     for k in range(NUM_STEPS):
         action = 0.5 * obs["latent"]
@@ -72,7 +72,9 @@ def test_reset_with_a_seed_is_deterministic(reference_components) -> None:
 def test_vector_env_reproduces_single_envs(reference_components) -> None:
     """A seeded batch of N equals N single environments seeded seed, seed+1, ... under the same actions."""
     n, seed = 3, 11
-    venv = DenoisingVectorEnv(n, components=reference_components, prompts=PROMPTS, num_steps=NUM_STEPS)
+    venv = DenoisingVectorEnv(
+        n, components=reference_components, prompts=PROMPTS, num_steps=NUM_STEPS, autoreset_mode="SameStep"
+    )
     singles = [make_env(reference_components) for _ in range(n)]
     vobs, _ = venv.reset(seed=seed)
     sobs = [env.reset(seed=seed + i)[0] for i, env in enumerate(singles)]
@@ -80,7 +82,7 @@ def test_vector_env_reproduces_single_envs(reference_components) -> None:
         for _ in range(NUM_STEPS):
             for i in range(n):
                 np.testing.assert_array_equal(vobs["latent"][i], sobs[i]["latent"])
-                assert vobs["prompt"][i] == sobs[i]["prompt"] and vobs["timestep"][i] == sobs[i]["timestep"]
+                assert vobs["prompt_id"][i] == sobs[i]["prompt_id"] and vobs["timestep"][i] == sobs[i]["timestep"]
             actions = np.stack([0.9 * o["latent"] + 0.01 for o in sobs])
             vobs, vrew, vterm, _, vinfo = venv.step(actions)
             results = [env.step(actions[i]) for i, env in enumerate(singles)]
@@ -92,7 +94,7 @@ def test_vector_env_reproduces_single_envs(reference_components) -> None:
         # Terminal: SAME_STEP autoreset returns the next episode's start; the final obs is in info.
         np.testing.assert_array_equal(vinfo["final_obs"]["latent"], np.stack([o["latent"] for o in sobs]))
         single_images = np.stack([r[4]["image"] for r in results]).astype(int)
-        assert np.abs(vinfo["image"].astype(int) - single_images).max() <= 1
+        assert np.abs(vinfo["final_info"]["image"].astype(int) - single_images).max() <= 1
         sobs = [env.reset()[0] for env in singles]
         assert episode in (0, 1)
 
@@ -204,12 +206,70 @@ def test_a_failing_reward_names_itself_and_the_batch(reference_components, rewar
 
 def test_eta_must_be_positive(reference_components) -> None:
     with pytest.raises(ValueError, match="eta must be > 0"):
-        make_env(reference_components, eta=0.0)
+        make_env(reference_components, eta=-0.5)
+    schedule = make_env(reference_components, eta=0.0).unwrapped.schedule  # η = 0: an evaluation env
+    assert float(schedule.std_dev_t(schedule.timesteps[:1])) == 0.0
 
 
 def test_reset_options_fix_prompts_and_reject_bad_ids(reference_components) -> None:
     venv = DenoisingVectorEnv(2, components=reference_components, prompts=PROMPTS, num_steps=1)
-    obs, _ = venv.reset(seed=0, options={"prompt_ids": [2, 2]})
-    assert obs["prompt"] == (PROMPTS[2], PROMPTS[2])
+    obs, info = venv.reset(seed=0, options={"prompt_ids": [2, 2]})
+    assert list(info["prompt"]) == [PROMPTS[2], PROMPTS[2]] and obs["prompt_id"].tolist() == [2, 2]
     with pytest.raises(ValueError, match="outside the prompt set"):
         venv.reset(seed=0, options={"prompt_ids": [0, 7]})
+
+
+def test_single_env_honours_the_vector_envs_reset_options(reference_components) -> None:
+    env = make_env(reference_components)
+    noise = np.full((4, 32, 32), 0.5, np.float32)
+    obs, info = env.reset(seed=0, options={"prompt_ids": [1], "noise": noise})
+    assert info["prompt"] == PROMPTS[1] and obs["prompt_id"] == 1
+    np.testing.assert_array_equal(obs["latent"], noise)
+    obs, info = env.reset(options={"prompt_ids": 2})
+    assert info["prompt"] == PROMPTS[2]
+    with pytest.raises(ValueError, match="unknown reset options"):
+        env.reset(options={"prompt": "a red circle"})
+
+
+def test_reset_noise_is_the_initial_latent_and_keeps_the_rng_stream(reference_components) -> None:
+    """Fixed noise replaces x_T without changing what the generators draw for later episodes."""
+    a = DenoisingVectorEnv(2, components=reference_components, prompts=PROMPTS, num_steps=1)
+    b = DenoisingVectorEnv(2, components=reference_components, prompts=PROMPTS, num_steps=1)
+    noise = torch.randn(2, 4, 32, 32)
+    obs_a, _ = a.reset(seed=3, options={"noise": noise})
+    b.reset(seed=3)
+    np.testing.assert_array_equal(obs_a["latent"], noise.numpy())
+    np.testing.assert_array_equal(a.reset()[0]["latent"], b.reset()[0]["latent"])
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 32, 32\)"):
+        a.reset(options={"noise": torch.randn(3, 4, 32, 32)})
+
+
+def test_next_step_autoreset_starts_new_episodes_on_the_following_step(reference_components) -> None:
+    venv = DenoisingVectorEnv(2, components=reference_components, prompts=PROMPTS, num_steps=2)
+    obs, _ = venv.reset(seed=0)
+    for _ in range(2):
+        obs, rewards, terminations, _, info = venv.step(obs["latent"])
+    assert terminations.all() and obs["timestep"].tolist() == [0, 0] and "image" in info
+    obs, rewards, terminations, _, info = venv.step(obs["latent"])  # ignored: the autoreset step
+    assert not terminations.any() and rewards.tolist() == [0.0, 0.0] and "prompt" in info
+    assert obs["timestep"].tolist() == [int(venv.schedule.timesteps[0])] * 2
+
+
+def test_rng_state_round_trip_reproduces_the_next_episodes(reference_components) -> None:
+    venv = DenoisingVectorEnv(2, components=reference_components, prompts=PROMPTS, num_steps=1)
+    venv.reset(seed=1)
+    state = venv.get_rng_state()
+    first = venv.reset()[0]["latent"]
+    venv.set_rng_state(state)
+    np.testing.assert_array_equal(venv.reset()[0]["latent"], first)
+    with pytest.raises(ValueError, match="2 sub-environments"):
+        venv.set_rng_state(state[:1])
+
+
+def test_deferred_reward_returns_images_to_score_later(reference_components) -> None:
+    venv = DenoisingVectorEnv(2, components=reference_components, prompts=PROMPTS, num_steps=1, defer_reward=True)
+    obs, _ = venv.reset(seed=0)
+    _, rewards, terminations, _, info = venv.step(obs["latent"])
+    assert terminations.all() and rewards.tolist() == [0.0, 0.0] and "reward_info" not in info
+    scored, _ = venv.mdp.score(info["image"], info["prompt"], info["metadata"])
+    np.testing.assert_allclose(scored, -jpeg_sizes_kb(info["image"]))
