@@ -108,9 +108,9 @@ class DenoisingMDP:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if not 0 <= eta <= 1:
             raise ValueError(
-                f"eta must be in [0, 1], got {eta}: η > 0 makes the policy stochastic (the MDP's actions need a "
-                "density), η = 0 is deterministic evaluation; η > 1 makes the DDIM variance exceed the noise level "
-                "and the sample diverge to NaN"
+                f"eta must be > 0 and <= 1, got {eta} (or exactly 0 for a deterministic evaluation MDP): η > 0 makes "
+                "the policy stochastic (the MDP's actions need a density); η > 1 makes the DDIM variance exceed the "
+                "noise level and the sample diverge to NaN"
             )
         self.num_envs = num_envs
         self.device = _checked_device(device)

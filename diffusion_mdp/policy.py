@@ -273,6 +273,8 @@ class DiffusionPolicy(nn.Module):
         Returns:
             ``(actions (B, C, h, w), log_probs (B,))``.
         """
+        if self.schedule.eta == 0:  # refuse before running the UNet: η = 0 actions have no density
+            raise ValueError(self._deterministic_message("sample"))
         out = self(obs, generator=generator)
         if out.log_prob is None:
             raise ValueError(self._deterministic_message("sample"))
