@@ -14,6 +14,7 @@ from gymnasium import spaces
 from gymnasium.envs.registration import EnvSpec
 
 from diffusion_mdp.ddim import DDIMSchedule
+from diffusion_mdp.flow import FlowMatchSchedule
 from diffusion_mdp.mdp import DEFAULT_REWARD, LATENT_BOUND, DenoisingMDP, decode_latents
 from diffusion_mdp.models import DiffusionComponents
 from diffusion_mdp.prompts import PromptSet
@@ -173,8 +174,9 @@ class DenoisingEnv(gym.Env[dict[str, Any], np.ndarray]):
 
     # Public accessors for RL code (``env.unwrapped.schedule`` etc.).
     @property
-    def schedule(self) -> DDIMSchedule:
-        """The MDP's DDIM schedule: σ_t, α_t, α_{t-1}, t_prev and μ_θ per timestep (see ``diffusion_mdp.ddim``)."""
+    def schedule(self) -> DDIMSchedule | FlowMatchSchedule:
+        """The MDP's schedule: DDIM's σ_t, α_t, α_{t-1}, t_prev and μ_θ per timestep (``diffusion_mdp.ddim``), or
+        the flow SDE's (``diffusion_mdp.flow``) for SD3 / FLUX."""
         return self.mdp.schedule
 
     @property
@@ -194,7 +196,7 @@ class DenoisingEnv(gym.Env[dict[str, Any], np.ndarray]):
     def spec(self, value: EnvSpec | None) -> None:
         self._spec = portable_spec(value)
 
-    def get_rng_state(self) -> list[dict[str, Any]]:
+    def get_rng_state(self) -> list[Mapping[str, Any]]:
         """The state of the environment's generator (one entry, like the vector env's list)."""
         return [self.np_random.bit_generator.state]
 

@@ -14,6 +14,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from diffusion_mdp.ddim import DDIMSchedule
+from diffusion_mdp.flow import FlowMatchSchedule
 from diffusion_mdp.mdp import DEFAULT_REWARD, DenoisingMDP, decode_latents
 from diffusion_mdp.models import DiffusionComponents
 from diffusion_mdp.prompts import PromptSet
@@ -108,8 +109,9 @@ class DenoisingVectorEnv(VectorEnv):
         self._autoreset_pending = False  # NEXT_STEP: the last step ended the episodes
 
     @property
-    def schedule(self) -> DDIMSchedule:
-        """The MDP's DDIM schedule: σ_t, α_t, α_{t-1}, t_prev and μ_θ per timestep (see ``diffusion_mdp.ddim``)."""
+    def schedule(self) -> DDIMSchedule | FlowMatchSchedule:
+        """The MDP's schedule: DDIM's σ_t, α_t, α_{t-1}, t_prev and μ_θ per timestep (``diffusion_mdp.ddim``), or
+        the flow SDE's (``diffusion_mdp.flow``) for SD3 / FLUX."""
         return self.mdp.schedule
 
     @property
@@ -133,7 +135,7 @@ class DenoisingVectorEnv(VectorEnv):
     def spec(self, value: EnvSpec | None) -> None:
         self._spec = portable_spec(value)
 
-    def get_rng_state(self) -> list[dict[str, Any]]:
+    def get_rng_state(self) -> list[Mapping[str, Any]]:
         """The N sub-environments' generator states (NumPy ``bit_generator.state`` dicts)."""
         return [rng.bit_generator.state for rng in self._rngs]
 
