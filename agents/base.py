@@ -36,8 +36,7 @@ from stable_baselines3.common.utils import FloatSchedule, LinearSchedule
 from torch import Tensor
 
 import diffusion_mdp  # noqa: F401  (registers DenoisingMDP-v0)
-from diffusion_mdp.distributed import Distributed, sync_rollout_buffer
-from diffusion_mdp.families import is_flow
+from diffusion_mdp.lora import LORA_TARGET_MODULES, add_lora, export_lora  # noqa: F401  (re-exported)
 from diffusion_mdp.mdp import RewardError
 from diffusion_mdp.models import DiffusionComponents
 from diffusion_mdp.policy import DiffusionPolicy
@@ -47,6 +46,7 @@ from diffusion_mdp.rewards.executor import AsyncReward
 from .advantages import AdvantageNormalizer
 from .buffer import DenoisingRolloutBuffer, StepBatch
 from .config import ConfigError, TrainConfig
+from .distributed import Distributed, sync_rollout_buffer
 from .update import run_update
 from .visual import plot_rewards, save_grid
 
@@ -55,7 +55,6 @@ from .visual import plot_rewards, save_grid
 CHECKPOINT_FORMAT = 2
 CHECKPOINT_NAME = "last.pt"
 _EPOCH_FILE = re.compile(r"epoch(\d+)\.pt")
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as the paper's LoRA
 _SEED_TAGS = {"env": 0, "noise": 1, "shuffle": 2, "group": 3, "train": 4, "eval": 5, "init": 6}
 
 
@@ -80,43 +79,6 @@ def resolve_autocast_dtype(mixed_precision: str, device: torch.device) -> torch.
         or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     )
     return torch.bfloat16 if cpu_bf16 else None
-
-
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float) -> None:
-    """Freeze the UNet and add a trainable LoRA adapter to its attention projections (diffusers + peft)."""
-    from peft import LoraConfig
-
-    unet.requires_grad_(False)
-    unet.add_adapter(  # type: ignore[operator]
-        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
-    )
-    # Trainable parameters stay in float32 even when the forward runs under bf16/fp16 autocast.
-    for param in unet.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-
-
-def export_lora(unet: torch.nn.Module, folder: str | os.PathLike[str], family: str = "sd") -> Path:
-    """Save the UNet's LoRA adapter in diffusers format (``StableDiffusionPipeline.load_lora_weights``).
-
-    SD3 / FLUX (``family``): the transformer's adapter, for ``StableDiffusion3Pipeline`` / ``FluxPipeline``'s
-    ``load_lora_weights``.
-    """
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    folder = Path(folder)
-    if is_flow(family):
-        from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-        pipeline_class = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
-        layers = get_peft_model_state_dict(unet)
-        pipeline_class.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
-        return folder
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-    return folder
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -271,7 +233,7 @@ class DiffusionAgent:
         self.config = cfg = config.validate()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        # Multi-process (accelerate launch / torchrun): inert with one process; see diffusion_mdp.distributed.
+        # Multi-process (accelerate launch / torchrun): inert with one process; see agents/distributed.py.
         self.dist = Distributed.from_environment(cfg.device)
         self._check_world_size()
         self.device = self.dist.device(cfg.device)

@@ -20,7 +20,7 @@ subclass one: SB3 stores ``(buffer_size, n_envs)`` NumPy arrays of flattened obs
 values and yields single (s, a) pairs, while this buffer is trajectory-major ``(n, T)`` torch storage without
 a critic and yields minibatches of trajectories, each with its own order of timesteps; none of SB3's buffer
 code runs here and it could not stand in for SB3's in an SB3 algorithm. (Stock SB3 PPO, with SB3's own
-buffer, runs on the same MDP through ``diffusion_mdp.sb3``.) What the agents reuse from SB3 is its
+buffer, runs on the same MDP through ``diffusion_mdp.envs.sb3``.) What the agents reuse from SB3 is its
 schedules (``FloatSchedule``, ``LinearSchedule``) and its logger (``configure``, ``Logger``).
 
 >>> buffer = DenoisingRolloutBuffer(num_steps=2, num_trajectories=2, latent_shape=(1, 1, 1), embed_shape=(1, 1))
@@ -142,7 +142,7 @@ class DenoisingRolloutBuffer:
         self.device = torch.device(device)
         self.gamma = float(gamma)
         # Multi-process training: indices (b,) of a global minibatch -> this process's share (see
-        # diffusion_mdp.distributed); None trains on whole minibatches.
+        # agents/distributed.py); None trains on whole minibatches.
         self.shard: Callable[[Tensor], Tensor] | None = None
         self.reset()
 

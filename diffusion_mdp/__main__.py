@@ -2,6 +2,6 @@
 
 import sys
 
-from diffusion_mdp.cli import main
+from diffusion_mdp.agents.cli import main
 
 sys.exit(main())

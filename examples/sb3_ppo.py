@@ -1,7 +1,7 @@
 """Stock Stable-Baselines3 PPO fine-tunes a diffusion model on the denoising MDP.
 
 Nothing of PPO is re-implemented: ``stable_baselines3.PPO`` collects rollouts, computes GAE and runs its
-clipped-surrogate update. Two adapters from :mod:`diffusion_mdp.sb3` make it possible:
+clipped-surrogate update. Two adapters from :mod:`diffusion_mdp.envs.sb3` make it possible:
 
 - ``DenoisingSB3VecEnv``: the natively batched vector env as an SB3 ``VecEnv`` (drops the ``prompt`` text,
   keeps ``prompt_id``; hands SB3 the per-prompt normalised terminal reward, DDPO's advantage);
@@ -29,9 +29,14 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
 import diffusion_mdp  # noqa: F401  (registers DenoisingMDP-v0)
+from diffusion_mdp.envs.sb3 import (
+    DenoisingSB3VecEnv,
+    DiffusionActorCriticPolicy,
+    ddpo_ppo_kwargs,
+    diffusion_policy_kwargs,
+)
 from diffusion_mdp.policy import DiffusionPolicy
 from diffusion_mdp.prompts import load_prompts
-from diffusion_mdp.sb3 import DenoisingSB3VecEnv, DiffusionActorCriticPolicy, ddpo_ppo_kwargs, diffusion_policy_kwargs
 from diffusion_mdp.viz import image_grid
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_mdp.cli import main
+from diffusion_mdp.agents.cli import main
 
 
 def test_bad_flags_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

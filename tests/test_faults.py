@@ -35,9 +35,9 @@ from diffusion_mdp.agents.base import (
     to_weights_only,
     upgrade_checkpoint,
 )
+from diffusion_mdp.agents.cli import main
 from diffusion_mdp.agents.config import load_config_file
 from diffusion_mdp.agents.train import absolute_paths, check_prompts_unchanged, prepare_run_dir
-from diffusion_mdp.cli import main
 from diffusion_mdp.mdp import RewardError
 from diffusion_mdp.prompts import load_prompts
 from diffusion_mdp.rewards import register_reward
@@ -701,7 +701,7 @@ def factory():
         return -images.reshape(len(images), -1).mean(axis=1).astype(np.float64), {}
     return reward
 
-from diffusion_mdp.cli import main
+from diffusion_mdp.agents.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -1,4 +1,4 @@
-"""Plugging other algorithms into the MDP: stock SB3 PPO (diffusion_mdp.sb3), the extension point, examples."""
+"""Plugging other algorithms into the MDP: stock SB3 PPO (diffusion_mdp.envs.sb3), the extension point, examples."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.utils import obs_as_tensor
 
-from diffusion_mdp.models import load_components
-from diffusion_mdp.policy import DiffusionPolicy
-from diffusion_mdp.sb3 import (
+from diffusion_mdp.envs.sb3 import (
     DenoisingSB3VecEnv,
     DiffusionActorCriticPolicy,
     ddpo_ppo_kwargs,
     diffusion_policy_kwargs,
 )
+from diffusion_mdp.models import load_components
+from diffusion_mdp.policy import DiffusionPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle", "two blue squares", "three green triangles"]

@@ -1,7 +1,7 @@
 """Two CPU processes (gloo, launched by ``accelerate launch``) = one process with the same global batch.
 
 ``accelerate launch --cpu`` starts several processes only through MPI; ``--multi_gpu`` uses torchrun, and on a
-machine without GPUs the processes join a gloo group on the CPU (``diffusion_mdp.distributed``).
+machine without GPUs the processes join a gloo group on the CPU (``diffusion_mdp.agents.distributed``).
 
 The file is also the worker: ``python tests/test_real_scale_distributed.py <pipeline> <out>`` trains one epoch
 and saves every rank's trainable weights, so the launched processes run exactly the code a user would.

@@ -2,7 +2,7 @@
 # # Lesson 5 — Plugging in Stable-Baselines3's PPO
 #
 # The denoising MDP is an ordinary Gymnasium environment, so an off-the-shelf RL library can train the
-# diffusion model. SB3's `PPO` needs two adapters (`diffusion_mdp.sb3`):
+# diffusion model. SB3's `PPO` needs two adapters (`diffusion_mdp.envs.sb3`):
 #
 # - an SB3 `VecEnv`: SB3 stores observations in arrays, so the text prompt is dropped and its index kept;
 #   the natively batched vector env is wrapped directly (one UNet batch per step, not N envs);
@@ -23,7 +23,12 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import obs_as_tensor
 
 import diffusion_mdp  # noqa: F401
-from diffusion_mdp.sb3 import DenoisingSB3VecEnv, DiffusionActorCriticPolicy, ddpo_ppo_kwargs, diffusion_policy_kwargs
+from diffusion_mdp.envs.sb3 import (
+    DenoisingSB3VecEnv,
+    DiffusionActorCriticPolicy,
+    ddpo_ppo_kwargs,
+    diffusion_policy_kwargs,
+)
 
 torch.manual_seed(0)
 # The task of lesson 2: JPEG compressibility on the 60 shapes_train prompts, the whole UNet trained, big

@@ -114,7 +114,7 @@ class DenoisingSB3VecEnv(VecEnv):
         super().__init__(num_envs, observation_space, self.venv.single_action_space)
         self.reward_normalization = reward_normalization
         self.adv_clip_max = adv_clip_max
-        from diffusion_mdp.agents.advantages import PerPromptStatTracker
+        from diffusion_mdp.normalization import PerPromptStatTracker
 
         self.stat_tracker = PerPromptStatTracker(stat_buffer_size, stat_min_count)
         self._actions: np.ndarray | None = None
@@ -223,7 +223,7 @@ def _normalize(owner: Any, mode: RewardNormalization, rewards: np.ndarray, promp
     if mode == "per_prompt":
         normalised = owner.stat_tracker.update(list(prompts), rewards)
     elif mode == "group":
-        from diffusion_mdp.agents.advantages import group_statistics
+        from diffusion_mdp.normalization import group_statistics
 
         mean, std = group_statistics(np.arange(len(rewards)) // owner.group_size, rewards)
         normalised = (rewards - mean) / std
@@ -252,7 +252,7 @@ class NormalizeTerminalReward(VecEnvWrapper):
         stat_min_count: int = 4,
         adv_clip_max: float = 5.0,
     ) -> None:
-        from diffusion_mdp.agents.advantages import PerPromptStatTracker
+        from diffusion_mdp.normalization import PerPromptStatTracker
 
         super().__init__(venv)
         inner = _adapter(venv).reward_normalization
@@ -484,7 +484,7 @@ def diffusion_policy_kwargs(
     policy = diffusion_policy or DiffusionPolicy.from_env(_adapter(env).venv, guidance_scale=guidance_scale)
     if diffusion_policy is None:
         if lora_rank:
-            from diffusion_mdp.agents.base import add_lora
+            from diffusion_mdp.lora import add_lora
 
             add_lora(policy.unet, lora_rank, float(lora_rank))
         else:
