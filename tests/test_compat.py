@@ -146,7 +146,7 @@ def fresh_components(reference_pipeline: Path) -> Any:
 def test_sb3_a2c_trains_the_lora_with_adamw(fresh_components: Any) -> None:
     from stable_baselines3 import A2C
 
-    from diffusion_mdp.sb3 import (
+    from diffusion_mdp.envs.sb3 import (
         DenoisingSB3VecEnv,
         DiffusionActorCriticPolicy,
         ddpo_a2c_kwargs,
@@ -170,7 +170,7 @@ def test_sb3_a2c_trains_the_lora_with_adamw(fresh_components: Any) -> None:
 def test_vec_monitor_reports_raw_rewards(reference_components: Any) -> None:
     from stable_baselines3.common.vec_env import VecMonitor
 
-    from diffusion_mdp.sb3 import NormalizeTerminalReward, make_sb3_env
+    from diffusion_mdp.envs.sb3 import NormalizeTerminalReward, make_sb3_env
 
     env = make_sb3_env(4, components=reference_components, prompts=PROMPTS, num_steps=2, reward=brightness,
                        monitor=True, reward_normalization="batch")  # fmt: skip
@@ -187,7 +187,7 @@ def test_vec_monitor_reports_raw_rewards(reference_components: Any) -> None:
 def test_stock_sb3_policy_warns_that_it_never_trains_the_unet(reference_components: Any) -> None:
     from stable_baselines3 import PPO
 
-    from diffusion_mdp.sb3 import DenoisingSB3VecEnv
+    from diffusion_mdp.envs.sb3 import DenoisingSB3VecEnv
 
     env = DenoisingSB3VecEnv(2, components=reference_components, prompts=PROMPTS, num_steps=2, reward=brightness)
     model = PPO("MultiInputPolicy", env, n_steps=2, batch_size=4, n_epochs=1, device="cpu")
