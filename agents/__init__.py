@@ -25,7 +25,7 @@ _HOMES = {
     "DenoisingRolloutBuffer": "buffer",
     "StepBatch": "buffer",
     "TrajectoryMinibatch": "buffer",
-    "PRESETS": "config",
+    "PRESETS": "presets",
     "ConfigError": "config",
     "TrainConfig": "config",
     "build_config": "config",

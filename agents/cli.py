@@ -41,7 +41,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffusion_mdp.agents.config import PRESETS
+    from diffusion_mdp.agents.presets import PRESETS
 
     # allow_abbrev=False everywhere: a prefix of a flag (--learning-rat, --resum) is an error, not that flag.
     parser = argparse.ArgumentParser(prog="diffusion-mdp", description="DDPO on the denoising MDP.", allow_abbrev=False)

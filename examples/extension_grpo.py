@@ -31,7 +31,8 @@ import numpy as np
 from torch import Tensor
 
 from diffusion_mdp.agents import DiffusionAgent, StepBatch, build_config, ppo_clip_loss, register_algorithm, train
-from diffusion_mdp.agents.config import TINY_SHAPES_LORA_RECIPE, ConfigError
+from diffusion_mdp.agents.config import ConfigError
+from diffusion_mdp.agents.presets import TINY_SHAPES_LORA_RECIPE
 
 
 def group_mean_batch_std(
