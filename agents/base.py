@@ -1029,9 +1029,8 @@ def run_deterministic(
     while not terminated.all():
         latents, timesteps = obs["latent"].to(policy.device), obs["timestep"].to(policy.device)
         # Flow models take the exact t = 1000 σ of the env's schedule (observations carry it rounded).
-        model_time = schedule.model_time(timesteps) if hasattr(schedule, "model_time") else timesteps
         with autocast():
-            output = policy.predict(latents, model_time, embeds)
+            output = policy.predict(latents, schedule.model_time(timesteps), embeds)
         obs, rewards, terminated, _, info = env.step(schedule.mean(output.float(), timesteps, latents))
     return info["image"], np.asarray(rewards, dtype=np.float64), obs["latent"]
 

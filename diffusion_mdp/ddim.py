@@ -179,6 +179,10 @@ class DDIMSchedule:
         variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
         return _shaped(self.eta * variance.sqrt(), like)
 
+    def model_time(self, timestep: Tensor) -> Tensor:
+        """The UNet's time input for observation timesteps ``(B,)``: t itself (flow schedules map it to 1000 σ)."""
+        return timestep
+
     def mean(self, model_output: Tensor, timestep: Tensor | int, sample: Tensor) -> Tensor:
         """μ_θ(x_t, t, c) ``(B, C, H, W)``: the Gaussian's mean for a UNet output (DDIM eq. 12 without noise).
 
