@@ -233,8 +233,8 @@ class DiffusionAgent:
         self.config = cfg = config.validate()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        # Multi-process (accelerate launch / torchrun): inert with one process; see agents/distributed.py.
-        self.dist = Distributed.from_environment(cfg.device)
+        # Multi-process (accelerate launch): inert with one process; see agents/distributed.py.
+        self.dist = Distributed.from_config(cfg)
         self._check_world_size()
         self.device = self.dist.device(cfg.device)
         self.run_dir = cfg.run_dir
@@ -281,7 +281,6 @@ class DiffusionAgent:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # type: ignore[operator]
         self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
-        self.dist.broadcast_parameters(self.trainable)  # identical adapters everywhere (they are seeded alike too)
         self.autocast_dtype = resolve_autocast_dtype(cfg.mixed_precision, self.device)
         self.optimizer = self._optimizer_class()(
             self.trainable,
@@ -290,6 +289,9 @@ class DiffusionAgent:
             weight_decay=cfg.adam_weight_decay,
             eps=cfg.adam_epsilon,
         )
+        # DDP / FSDP (agents/distributed.py); the policy calls the prepared model, self.unet stays the model itself.
+        self.policy.unet, self.optimizer = self.dist.prepare(self.unet, self.optimizer)
+        self.trainable = [p for p in self.unet.parameters() if p.requires_grad]  # FSDP swapped them for shards
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         # SB3 schedules of progress_remaining (1 at the start, 0 at the end).
         self.lr_schedule = FloatSchedule(
@@ -420,14 +422,18 @@ class DiffusionAgent:
         return ((out.mean - ref.mean) ** 2 / (2 * out.std**2)).mean(dim=(1, 2, 3))
 
     def backward(self, loss: Tensor) -> None:
-        self.scaler.scale(loss).backward()
+        self.dist.backward(self.scaler.scale(loss))
+
+    def gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Around one step's forward + backward: False keeps the gradient local (multi-process accumulation)."""
+        return self.dist.gradient_sync(sync)
 
     def optimizer_step(self) -> float:
-        """All-reduce (multi-process), unscale, clip the gradient norm, step AdamW, zero; returns the pre-clip norm."""
-        self.dist.all_reduce_grads(self.trainable)
+        """Unscale, clip the gradient norm, step AdamW, zero; returns the pre-clip norm (gradients are averaged
+        over processes by DDP / FSDP in the last backward pass)."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.max_grad_norm or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        norm = self.dist.clip_grad_norm_(self.trainable, max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -632,8 +638,8 @@ class DiffusionAgent:
             "config": self.config.to_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
-            "trainable": {n: p.detach().clone() for n, p in self.unet.named_parameters() if p.requires_grad},
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": self.dist.trainable_state(self.unet),  # gathered from the shards under FSDP (collective)
+            "optimizer": self.dist.optimizer_state(self.unet, self.optimizer),
             "scaler": self.scaler.state_dict(),
             "normalizer": self.normalizer.state_dict(),
             "history": self.history,
@@ -656,10 +662,16 @@ class DiffusionAgent:
         missing = [n for n in state["trainable"] if n not in params]
         if missing:
             raise ValueError(f"checkpoint has weights this model lacks: {missing[:3]} (LoRA vs full fine-tuning?)")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if bool(state.get("sharded", False)) != self.dist.sharded:  # optimizer states keyed by name vs by index
+            fix = "'fsdp'" if state.get("sharded") else "'ddp' (or one process)"
+            raise CheckpointError(f"the checkpoint was written under another distributed_strategy: resume with {fix}")
+        if self.dist.sharded:
+            self.dist.load_trainable(self.unet, self.optimizer, state["trainable"], state["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, value in state["trainable"].items():
+                    params[name].copy_(value)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.normalizer.load_state_dict(state["normalizer"])
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
@@ -680,6 +692,9 @@ class DiffusionAgent:
             eval_pending: The evaluation of this epoch is due but runs after the save; a resume runs it first.
         """
         state = self.state_dict()
+        if not self.dist.is_main:  # FSDP: the other processes only took part in gathering the state
+            return self.checkpoint_path
+        state["sharded"] = self.dist.sharded
         state["config"] = {**state["config"], "reward_token": ""}  # a secret: never written to the run folder
         state["eval_pending"] = bool(eval_pending)
         state["prompt_fingerprints"] = {
@@ -812,10 +827,12 @@ class DiffusionAgent:
         if self.epoch > 0 and main:  # resumed: metrics.jsonl may hold epochs after the checkpoint (a crash): rewrite
             lines = [json.dumps(metrics) + "\n" for metrics in self.history]
             (self.run_dir / "metrics.jsonl").write_text("".join(lines))
-        if self.epoch == 0 and not self.eval_history and cfg.eval_num_samples and main:
+        # FSDP: forward passes are collective, so every process evaluates (the main one writes the results).
+        evaluates = main or self.dist.sharded
+        if self.epoch == 0 and not self.eval_history and cfg.eval_num_samples and evaluates:
             self._evaluate_in_loop(0)
         evaluated = {entry["epoch"] for entry in self.eval_history}
-        if self._eval_pending and self.epoch not in evaluated and cfg.eval_num_samples and main:
+        if self._eval_pending and self.epoch not in evaluated and cfg.eval_num_samples and evaluates:
             self._evaluate_in_loop(self.epoch)  # due at the checkpoint's epoch, not done before it stopped
         self._eval_pending = False
         bar = tqdm(
@@ -841,10 +858,15 @@ class DiffusionAgent:
                 self.history.append(metrics)
                 timing = {"time/sampling_s": t1 - t0, "time/training_s": t2 - t1}
                 done = self.epoch == cfg.num_epochs
-                if self.dist.enabled:  # stop together (Ctrl-C reaches the processes at different moments)
-                    flag = torch.tensor([float(self._stop_requested)], device=self.device)
-                    self._stop_requested = bool(self.dist.all_reduce_sum_(flag).item() > 0)
+                # Stop together (Ctrl-C reaches the processes at different moments).
+                self._stop_requested = self.dist.any_process(self._stop_requested)
+                eval_due = bool(cfg.eval_num_samples) and (self.epoch % cfg.eval_every == 0 or done)
                 if not main:
+                    if self.dist.sharded:  # FSDP: gathering the checkpoint and evaluating are collective
+                        if self.epoch % cfg.save_every == 0 or done or eval_due or self._stop_requested:
+                            self.save_checkpoint(eval_pending=eval_due)
+                        if eval_due and not self._stop_requested:
+                            self._evaluate_in_loop(self.epoch)
                     if self._stop_requested:
                         raise KeyboardInterrupt(f"stopped after epoch {self.epoch} (rank {self.dist.rank})")
                     continue
@@ -859,7 +881,6 @@ class DiffusionAgent:
                         self.run_dir / "images" / f"samples_epoch{self.epoch:04d}.png",
                         title=f"training samples, epoch {self.epoch}",
                     )
-                eval_due = bool(cfg.eval_num_samples) and (self.epoch % cfg.eval_every == 0 or done)
                 # Save before evaluating: an evaluation that fails (its reward) loses no trained epoch.
                 if self.epoch % cfg.save_every == 0 or done or eval_due or self._stop_requested:
                     self.save_checkpoint(eval_pending=eval_due)
@@ -874,15 +895,18 @@ class DiffusionAgent:
                 if eval_due:
                     self._evaluate_in_loop(self.epoch)
         bar.close()
+        self.dist.barrier()
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
         """Final outputs: the LoRA (or full UNet) in diffusers format, the reward plot, summary.json."""
+        if self.dist.sharded:  # FSDP (full fine-tuning): every process takes part in gathering the UNet
+            self.dist.save_full_model(self.unet, self.run_dir / "unet")
         if not self.dist.is_main:
             return {"epochs": self.epoch, "run_dir": str(self.run_dir), "rank": self.dist.rank}
         if self.config.use_lora:
             export_lora(self.unet, self.run_dir / "lora", str(getattr(self.components, "family", "sd")))
-        else:  # full fine-tuning: the whole UNet, loadable with UNet2DConditionModel.from_pretrained(run / "unet")
+        elif not self.dist.sharded:  # full fine-tuning: the UNet, loadable with UNet2DConditionModel.from_pretrained
             self.unet.save_pretrained(self.run_dir / "unet")
         plot_rewards(self.history, self.eval_history, self.run_dir / "reward_curve.png")
         summary: dict[str, Any] = {"epochs": self.epoch, "run_dir": str(self.run_dir)}
@@ -929,6 +953,8 @@ class DiffusionAgent:
             "eval_reward_std": result["eval_reward_std"],
         }
         self.eval_history.append(entry)
+        if not self.dist.is_main:  # FSDP: the other processes took part in the forward passes only
+            return entry
         images_dir = self.run_dir / "images"
         captions = [f"{p} | r={r:.3g}" for p, r in zip(result["prompts"], result["rewards"], strict=True)]
         title = f"held-out eval (η=0), epoch {epoch}: mean reward {result['eval_reward_mean']:.4g}"

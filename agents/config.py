@@ -37,6 +37,7 @@ from .presets import PRESETS  # the presets live in their own module
 ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "sparse_rwr")
 ADVANTAGE_MODES = ("per_prompt", "batch", "group")
 MIXED_PRECISION = ("no", "auto", "bf16", "fp16")
+DISTRIBUTED_STRATEGIES = ("auto", "ddp", "fsdp")  # agents/distributed.py
 SCHEDULES = ("constant", "linear")
 
 
@@ -61,6 +62,10 @@ class TrainConfig:
     """Torch device for the model and the rollouts."""
     num_threads: int = 0
     """torch.set_num_threads value (0: leave torch's default)."""
+    distributed_strategy: str = "auto"
+    """Under accelerate launch: ddp (replicated model, gradients all-reduced; LoRA, or models that fit one GPU),
+    fsdp (FSDP2: parameters, gradients and AdamW states sharded; full fine-tuning on CUDA) or auto (fsdp when
+    accelerate launch is configured for FSDP, else ddp). Ignored with one process. See docs/distributed.md."""
 
     # --- the MDP ---------------------------------------------------------------------------------
     model: str = "tiny-shapes"
@@ -237,6 +242,12 @@ class TrainConfig:
             self.mixed_precision in MIXED_PRECISION,
             f"mixed_precision={self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}",
         )
+        need(
+            self.distributed_strategy in DISTRIBUTED_STRATEGIES,
+            f"distributed_strategy={self.distributed_strategy!r}: choose one of {', '.join(DISTRIBUTED_STRATEGIES)}",
+        )
+        if self.distributed_strategy == "fsdp":
+            self._validate_fsdp(problems)
         for key in ("lr_schedule", "clip_range_schedule"):
             need(getattr(self, key) in SCHEDULES, f"{key}={getattr(self, key)!r}: choose constant or linear")
         for key in (
@@ -370,6 +381,27 @@ class TrainConfig:
         if problems:
             raise ConfigError("invalid config: " + "\n  ".join(problems))
         return self
+
+    def _validate_fsdp(self, problems: list[str]) -> None:
+        """FSDP shards full fine-tuning on CUDA; the combinations it was not built for are refused here."""
+        prefix = "distributed_strategy='fsdp'"
+        if self.use_lora:
+            problems.append(
+                f"{prefix} shards full fine-tuning, but use_lora=true: a LoRA run trains with DDP (the frozen base "
+                "replicated, only the adapter's gradients all-reduced); set use_lora=false, or distributed_strategy="
+                "'ddp'"
+            )
+        if not self.device.startswith("cuda"):
+            problems.append(
+                f"{prefix} needs CUDA GPUs (accelerate runs FSDP on GPUs only), but device={self.device!r}: set "
+                "device='cuda', or distributed_strategy='ddp' for CPU processes"
+            )
+        if self.mixed_precision == "fp16":
+            problems.append(
+                f"{prefix} with mixed_precision='fp16' would need a sharded gradient scaler: use 'bf16' or 'no'"
+            )
+        if self.use_8bit_adam:
+            problems.append(f"{prefix} with use_8bit_adam=true is not supported: use AdamW (use_8bit_adam=false)")
 
     def _validate_names(self, problems: list[str]) -> None:
         """Check reward, prompt-set and model names against the registries (cheap: no model is loaded)."""

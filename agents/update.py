@@ -11,18 +11,23 @@ G = :meth:`~Learner.accumulation_steps`::
             for j in 1 .. K:                       # the j-th of each trajectory's own K steps
                 loss = step_loss(step j) / (K · G)
                 backward(loss)                     # accumulate: one step's activations in memory at a time
-            every G minibatches (and after the last): all-reduce, unscale, clip ‖g‖, AdamW step, zero
+            every G minibatches (and after the last): unscale, clip ‖g‖, AdamW step, zero
 
 so one optimizer step follows the mean loss over K timesteps × G minibatches (the paper: 256 samples,
 4 minibatches, 4 updates per epoch with G = 1; DDPO-SF sets G = the number of minibatches, one step per
 epoch). Every statistic a loss reports is averaged over the steps that report it; ``grad_norm`` is the mean
 pre-clip norm over the optimizer steps.
+
+With several processes (``agents/distributed.py``) each step's forward and backward run inside
+:meth:`~Learner.gradient_sync`: only the last backward before an optimizer step averages the gradients over
+processes (DDP / FSDP); the ones before accumulate locally.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -52,6 +57,8 @@ class Learner(Protocol):
     def shuffle_generator(self, epoch: int, inner_epoch: int) -> torch.Generator: ...
 
     def backward(self, loss: Tensor) -> None: ...
+
+    def gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager[Any]: ...
 
     def optimizer_step(self) -> float: ...
 
@@ -83,9 +90,11 @@ def run_update(agent: Learner, epoch: int, step_optimizer: bool = True) -> dict[
         for mb_index, minibatch in enumerate(minibatches):
             # 1/(K·G): the accumulated gradient is that of the mean loss over K timesteps × G minibatches.
             scale = 1.0 / (minibatch.num_timesteps * accumulation)
+            step_due = (mb_index + 1) % accumulation == 0 or mb_index == len(minibatches) - 1
             for j in range(minibatch.num_timesteps):
-                loss, stats = agent.step_loss(minibatch.step(j), epoch)
-                agent.backward(loss * scale)
+                with agent.gradient_sync(step_due and j == minibatch.num_timesteps - 1):
+                    loss, stats = agent.step_loss(minibatch.step(j), epoch)
+                    agent.backward(loss * scale)
                 logs["loss"].append(float(loss.detach()))
                 for name, value in stats.items():
                     number = float(value.detach() if isinstance(value, Tensor) else value)
@@ -93,8 +102,7 @@ def run_update(agent: Learner, epoch: int, step_optimizer: bool = True) -> dict[
                         first.setdefault(f"first_{name}", number)
                     else:
                         logs.setdefault(name, []).append(number)
-            last = mb_index == len(minibatches) - 1
-            if step_optimizer and ((mb_index + 1) % accumulation == 0 or last):
+            if step_optimizer and step_due:
                 grad_norms.append(agent.optimizer_step())
     metrics = {name: float(np.mean(values)) for name, values in logs.items() if values}
     if grad_norms:

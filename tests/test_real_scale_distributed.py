@@ -1,7 +1,8 @@
 """Two CPU processes (gloo, launched by ``accelerate launch``) = one process with the same global batch.
 
 ``accelerate launch --cpu`` starts several processes only through MPI; ``--multi_gpu`` uses torchrun, and on a
-machine without GPUs the processes join a gloo group on the CPU (``diffusion_mdp.agents.distributed``).
+machine without GPUs accelerate joins the processes in a gloo group on the CPU (``MULTI_CPU``); the agents'
+``Accelerator`` (``diffusion_mdp.agents.distributed``) wraps the model in DDP there, as on GPUs.
 
 The file is also the worker: ``python tests/test_real_scale_distributed.py <pipeline> <out>`` trains one epoch
 and saves every rank's trainable weights, so the launched processes run exactly the code a user would.
@@ -64,8 +65,22 @@ def worker(pipeline: str, out: str, overrides: dict | None = None) -> None:
             time.sleep(0.05)
     agent, _ = train(cfg)
     weights = {n: p.detach().clone() for n, p in agent.unet.named_parameters() if p.requires_grad}
-    torch.save({"weights": weights, "world_size": agent.dist.world_size}, Path(out) / f"rank{rank}.pt")
-    extra = {"reward_mean": agent.history[-1]["reward_mean"], "prompts": agent.buffer.prompts}
+    accelerator = agent.dist.accelerator
+    how = {
+        "world_size": agent.dist.world_size,
+        "strategy": agent.dist.strategy,
+        "distributed_type": str(accelerator.state.distributed_type) if accelerator else "",
+        "backend": str(accelerator.state.backend) if accelerator else "",
+        "prepared": type(getattr(agent.policy.unet, "prepared", agent.policy.unet)).__name__,
+    }
+    torch.save({"weights": weights, **how}, Path(out) / f"rank{rank}.pt")
+    extra = {
+        "reward_mean": agent.history[-1]["reward_mean"],
+        "prompts": agent.buffer.prompts,
+        "group_ids": agent.buffer.group_ids.tolist(),
+        "advantages": agent.buffer.advantages.clone(),
+        "history": agent.history,
+    }
     torch.save(extra, Path(out) / f"rank{rank}-extra.pt")
 
 
@@ -75,11 +90,25 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# Flow-GRPO on the bundled flow-matching world: SD3's transformer under DDP, group advantages, the KL reference
+# (a no-gradient forward with the adapter disabled), the SDE window.
+FLOW = dict(
+    algorithm="flow_grpo",
+    advantage_mode="group",
+    group_size=2,
+    kl_coef=0.1,
+    clip_range=0.2,
+    num_steps=3,
+    sde_window_size=2,
+)
+
+
 @pytest.mark.skipif(
     shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
     reason="accelerate CLI not installed",
 )
-def test_two_processes_equal_one(reference_pipeline: Path, tmp_path: Path):
+@pytest.mark.parametrize("setup", ["ddpo-is", "flow-grpo"])
+def test_two_processes_equal_one(setup: str, reference_pipeline: Path, tmp_path: Path):
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -89,11 +118,12 @@ def test_two_processes_equal_one(reference_pipeline: Path, tmp_path: Path):
         "CUDA_VISIBLE_DEVICES": "",
     }
     this = str(Path(__file__).resolve())
+    model, base = (str(reference_pipeline), {}) if setup == "ddpo-is" else ("tiny-shapes-flow", FLOW)
 
     def run_single(name: str, overrides: dict) -> None:  # in this process (no launcher: world size 1)
         threads = torch.get_num_threads()
         try:
-            worker(str(reference_pipeline), str(tmp_path / name), overrides)
+            worker(model, str(tmp_path / name), {**base, **overrides})
         finally:
             torch.set_num_threads(threads)
 
@@ -117,8 +147,9 @@ def test_two_processes_equal_one(reference_pipeline: Path, tmp_path: Path):
         "--main_process_port",
         str(_free_port()),
         this,
-        str(reference_pipeline),
+        model,
         str(tmp_path / "two"),
+        json.dumps(base),
     ]
     double = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stdout[-2000:] + double.stderr[-3000:]
@@ -126,6 +157,11 @@ def test_two_processes_equal_one(reference_pipeline: Path, tmp_path: Path):
     one, one_b1 = (torch.load(tmp_path / name / "rank0.pt") for name in ("one", "one-b1"))
     two = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in (0, 1)]
     assert one["world_size"] == 1 and two[0]["world_size"] == two[1]["world_size"] == 2
+    assert one["strategy"] == "single" and one["prepared"] != "DistributedDataParallel"
+    for rank in two:  # accelerate's CPU multi-process mode, its gloo group, and its DDP wrapper did the work
+        assert (rank["strategy"], rank["distributed_type"]) == ("ddp", "DistributedType.MULTI_CPU")
+        assert rank["backend"] == "gloo"
+        assert rank["prepared"] == "DistributedDataParallel"
     moved = [n for n in one["weights"] if "lora_B" in n and one["weights"][n].abs().max() > 1e-3]
     assert moved  # the update moved lora_B (initialised at 0) by ~lr
     for name, value in one["weights"].items():
@@ -142,6 +178,17 @@ def test_two_processes_equal_one(reference_pipeline: Path, tmp_path: Path):
     assert extras[0]["prompts"] == extras[1]["prompts"] == extras[2]["prompts"]
     assert extras[0]["reward_mean"] == pytest.approx(extras[1]["reward_mean"], abs=1e-9)
     assert extras[1]["reward_mean"] == extras[2]["reward_mean"]
+    # The advantages were computed from the gathered global batch: the same on both ranks and as one process.
+    assert extras[0]["group_ids"] == extras[1]["group_ids"] == extras[2]["group_ids"]
+    assert torch.equal(extras[1]["advantages"], extras[2]["advantages"])
+    torch.testing.assert_close(extras[1]["advantages"], extras[0]["advantages"], atol=1e-5, rtol=1e-5)
+    # History: sampling statistics are global (equal), training metrics the mean over processes (equal to the
+    # one-process run with the same per-forward batches up to summation order).
+    one_b1_extra = torch.load(tmp_path / "one-b1" / "rank0-extra.pt")
+    for got, want in zip(extras[1]["history"], one_b1_extra["history"], strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     # Only the main process wrote the checkpoint and logs.
     assert (tmp_path / "two" / "dist" / "checkpoints" / "last.pt").is_file()
 
