@@ -125,8 +125,8 @@ def launch_problems(config: Any, launch: LaunchSettings) -> list[str]:
     if strategy == "fsdp":
         if launch.world_size < 2:
             problems.append(
-                "distributed_strategy='fsdp' shards the model over processes, but this is a single process: start "
-                "it with `accelerate launch --num_processes N -m diffusion_mdp train ...` (N >= 2 GPUs)"
+                "FSDP shards the model over processes, but this is a single process: start it with"
+                " `accelerate launch --num_processes N -m diffusion_mdp train ...` (N >= 2 GPUs)"
             )
         if launch.fsdp_version not in (None, 2):
             problems.append(
@@ -400,7 +400,8 @@ class Distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        return dict(get_model_state_dict(model, options=options))
+        state: dict[str, Any] = dict(get_model_state_dict(model, options=options))
+        return state
 
     def optimizer_state(self, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
         """The optimizer's state dict (under FSDP: keyed by parameter name, gathered to the main process)."""
@@ -432,7 +433,8 @@ class Distributed:
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state: dict[str, Any] = dict(get_model_state_dict(model, options=options))
         if self.is_main:
             folder.mkdir(parents=True, exist_ok=True)
             model.save_config(folder)
