@@ -48,6 +48,8 @@ from torch import Tensor, nn
 
 from diffusion_mdp.ddim import LogProbReduction, gaussian_log_prob
 from diffusion_mdp.envs import DenoisingVectorEnv
+from diffusion_mdp.envs.flow_time import convert_observation, policy_timesteps
+from diffusion_mdp.envs.flow_time import observation_space as sb3_observation_space
 from diffusion_mdp.policy import DiffusionPolicy
 
 RewardNormalization = Literal["per_prompt", "group", "batch", "none"]
@@ -60,9 +62,10 @@ class DenoisingSB3VecEnv(VecEnv):
     """The denoising MDP's N batched episodes as an SB3 ``VecEnv``.
 
     Observations: ``Dict(latent=Box((C, h, w)), timestep=Discrete(num_train_timesteps),
-    prompt_id=Discrete(len(prompts)))``, NumPy, batched. Actions: ``(N, C, h, w)`` next latents. Episodes end
-    together after T steps; the step that ends them returns the next episodes' first observation and puts the
-    terminal one in ``infos[i]["terminal_observation"]`` (SB3's convention).
+    prompt_id=Discrete(len(prompts)))``, NumPy, batched; for flow-matching models ``timestep`` is the float
+    model time t = 1000 σ and ``sigma`` is added (``diffusion_mdp.envs.flow_time``). Actions: ``(N, C, h, w)``
+    next latents. Episodes end together after T steps; the step that ends them returns the next episodes' first
+    observation and puts the terminal one in ``infos[i]["terminal_observation"]`` (SB3's convention).
 
     Args:
         num_envs: N.
@@ -109,8 +112,8 @@ class DenoisingSB3VecEnv(VecEnv):
         self.venv = DenoisingVectorEnv(num_envs=num_envs, **env_kwargs)
         self.group_size = group_size
         self._prompt_rng = np.random.default_rng(seed)
-        # The env's own (array-only) observation space: latent, timestep, prompt_id.
-        observation_space = self.venv.single_observation_space
+        # The env's own (array-only) observation space: latent, timestep, prompt_id (flow models: float time, σ).
+        observation_space = sb3_observation_space(self.venv.mdp)
         super().__init__(num_envs, observation_space, self.venv.single_action_space)
         self.reward_normalization = reward_normalization
         self.adv_clip_max = adv_clip_max
@@ -135,11 +138,12 @@ class DenoisingSB3VecEnv(VecEnv):
 
     def _convert(self, obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         # SB3's buffers store NumPy arrays; prompt_id names the prompt.
-        return {
+        arrays = {
             "latent": np.asarray(obs["latent"], dtype=np.float32),
             "timestep": np.asarray(obs["timestep"], dtype=np.int64),
             "prompt_id": np.asarray(obs["prompt_id"], dtype=np.int64),
         }
+        return convert_observation(self.venv.mdp.schedule, arrays)
 
     def _reset_episodes(self, seed: int | None = None) -> dict[str, Any]:
         options = None
@@ -430,7 +434,7 @@ class DiffusionActorCriticPolicy(ActorCriticPolicy):
     # ----------------------------------------------------------------------------------------------
     def unpack(self, obs: Mapping[str, Tensor]) -> dict[str, Any]:
         """SB3 observations (from the env: ``timestep (B,)``; from the buffer: ``(B, 1)`` floats) → policy obs."""
-        timesteps = torch.as_tensor(obs["timestep"]).reshape(-1).round().long()
+        timesteps = policy_timesteps(self.diffusion.schedule, obs["timestep"])
         prompt_ids = torch.as_tensor(obs["prompt_id"]).reshape(-1).round().long()
         prompts = [self.prompts[int(i)] for i in prompt_ids]
         return {"latent": obs["latent"].float(), "timestep": timesteps, "prompt": prompts, "prompt_ids": prompt_ids}
