@@ -114,6 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 128 + int(getattr(exc, "signum", 2))  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+    if "rank" in summary:  # a non-main process of accelerate launch: the main one reports
+        return 0
     if "eval_before" in summary:
         print(
             f"held-out reward: {summary['eval_before']:.4f} (epoch {summary['eval_before_epoch']}) -> "

@@ -265,8 +265,9 @@ class Distributed:
 
             kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**fsdp_plugin_kwargs(environ))
         else:
-            # No buffer broadcast in forward: the models' buffers are constants, and a collective in forward
-            # would hang the forwards only the main process runs (evaluation).
+            # No buffer broadcast in forward: the models' buffers are constants (SD3's position table alone is
+            # 0.9 GB in float32), and rank 0's are broadcast once at construction anyway. (torch 2.13 calls the
+            # flag deprecated in favour of forward_sync_buffers, which accelerate's kwargs handler cannot pass yet.)
             kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(broadcast_buffers=False)]
         accelerator = Accelerator(**kwargs)
         if strategy == "fsdp" and not getattr(accelerator, "is_fsdp2", False):
