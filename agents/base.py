@@ -731,10 +731,12 @@ class DiffusionAgent:
         Raises:
             CheckpointError: No checkpoint, or none that can be opened.
         """
+        # FSDP: the whole model's tensors go to the CPU (every process reads them) and are scattered to shards.
+        where = "cpu" if self.dist.sharded else self.device
         if path is not None:
-            used, state = Path(path), load_checkpoint_file(path, self.device)
+            used, state = Path(path), load_checkpoint_file(path, where)
         else:
-            found = find_checkpoint(self.run_dir, self.device)
+            found = find_checkpoint(self.run_dir, where)
             if found is None:
                 raise CheckpointError(f"no checkpoint in {self.run_dir / 'checkpoints'}")
             used, state = found
