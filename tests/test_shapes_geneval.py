@@ -60,7 +60,7 @@ def test_two_coloured_object_is_not_clean():
 
 
 def test_rewards_registered_and_prompt_sets():
-    assert {"shapes_geneval", "shapes_geneval_soft"} <= set(available_rewards())
+    assert {"shapes_geneval", "shapes_geneval_soft", "shapes_geneval_miss"} <= set(available_rewards())
     ps = load_prompts("shapes_four")
     assert len(ps) == 15 and all(m["count"] == 4 for m in ps.metadata)
     assert len(load_prompts("shapes_four_heldout")) == 3
@@ -69,7 +69,9 @@ def test_rewards_registered_and_prompt_sets():
     prompts[1], meta = ps.prompts[4], [ps.metadata[0], ps.metadata[4], ps.metadata[2]]  # image 1 is mislabelled
     strict, info = make_reward("shapes_geneval")(images, prompts, meta)
     soft, _ = make_reward("shapes_geneval_soft")(images, prompts, meta)
+    miss, _ = make_reward("shapes_geneval_miss")(images, prompts, meta)
     assert strict.tolist() == [1.0, 0.0, 1.0]
+    assert miss.tolist() == [0.0, 1.0, 0.0]  # the sign-flipped control
     assert soft[0] == 1.0 and 0.0 <= soft[1] < 1.0 and set(info) >= {"count_match", "num_objects"}
     with pytest.raises(ValueError, match="2 images but 1"):
         judge_images(images[:2], meta[:1])

@@ -27,6 +27,8 @@ Registered rewards:
 - ``shapes_geneval``: 1 if the image is exactly the prompt (count, colour and shape), else 0.
 - ``shapes_geneval_soft``: the fraction of the three checks passed (count, colour of every object, shape
   of every object), a denser signal with the same maximum.
+- ``shapes_geneval_miss``: ``1 − shapes_geneval``, the sign-flipped control: an algorithm that learns from
+  the reward moves accuracy *down* on it, one that merely drifts moves it the same way on both.
 
 Both return ``info`` with ``count_match``, ``colour_match``, ``shape_match`` and ``num_objects``.
 
@@ -254,4 +256,24 @@ def shapes_geneval_soft():
     return reward
 
 
-__all__ = ["DetectedObject", "detect_objects", "judge_images", "shapes_geneval", "shapes_geneval_soft"]
+@register_reward("shapes_geneval_miss")
+def shapes_geneval_miss():
+    """Reward factory: 1 if the image is *not* exactly the prompt (the sign-flipped ``shapes_geneval``)."""
+
+    def reward(
+        images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        verdict = _judge(images, prompts, metadata)
+        return 1.0 - verdict["correct"].astype(np.float64), _info(verdict)
+
+    return reward
+
+
+__all__ = [
+    "DetectedObject",
+    "detect_objects",
+    "judge_images",
+    "shapes_geneval",
+    "shapes_geneval_miss",
+    "shapes_geneval_soft",
+]
