@@ -7,6 +7,7 @@ standard error, and the count / colour / shape parts.
 
     PYTHONPATH=. .venv/bin/python benchmarks/shapes_four_eval.py                       # the base model
     PYTHONPATH=. .venv/bin/python benchmarks/shapes_four_eval.py --run runs/tiny-shapes-counting
+    ... --grid docs/main_job/after.png   # also a picture: 2 samples per prompt of each set, with verdicts
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
     parser.add_argument("--seed", type=int, default=1000, help="seed of the first batch's noise")
     parser.add_argument("--save", default="", help="write the images and verdicts to this .npz")
+    parser.add_argument("--grid", default="", help="write a PNG of the first 2 samples per prompt, with verdicts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     args = parser.parse_args()
 
@@ -49,6 +51,7 @@ def main() -> None:
         pipe.unet.load_state_dict(state["trainable"], strict=False)
         label = f"{args.run} epoch {state['epoch']}"
     saved = {}
+    shown: list[tuple[np.ndarray, str]] = []
     for name in ("shapes_four", "shapes_four_heldout"):
         ps = load_prompts(name)
         prompts = [p for p in ps.prompts for _ in range(args.per_prompt)]
@@ -65,9 +68,19 @@ def main() -> None:
               f" colour {v['colour_match'].mean():.3f} shape {v['shape_match'].mean():.3f};"
               f" objects {np.bincount(v['num_objects'], minlength=7)[:7].tolist()}")
         saved[name] = images
+        for i in range(0, len(prompts), args.per_prompt):
+            for j in range(i, min(i + 2, len(prompts))):
+                shown.append((images[j], f"{prompts[j]} | {'right' if v['correct'][j] else 'wrong'}"))
         saved[name + "_correct"] = v["correct"]
     if args.save:
         np.savez_compressed(args.save, **saved)
+    if args.grid:
+        from diffusion_mdp.viz import image_grid
+
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        title = f"{label}: the same noise for every model (10 DDIM steps, eta 1, CFG 5); judge shapes_geneval"
+        image_grid([im for im, _ in shown], [c for _, c in shown], columns=6, scale=3, title=title).save(args.grid)
+        print(f"wrote {args.grid}")
 
 
 if __name__ == "__main__":
