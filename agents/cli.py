@@ -88,6 +88,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from diffusion_mdp.agents.checkpointing import checkpoint_path
     from diffusion_mdp.agents.config import ConfigError, TrainConfig, build_config
     from diffusion_mdp.agents.train import resume_config, train
 
@@ -106,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt as exc:
-        saved = (config.run_dir / "checkpoints" / "last.pt").is_file()
+        saved = checkpoint_path(config.run_dir).is_file()
         print(f"interrupted: {str(exc) or 'aborted; the unfinished epoch was not saved'}", file=sys.stderr)
         if saved:
             print(

@@ -1,11 +1,16 @@
-"""Configuration of a DDPO/RWR run: one dataclass, presets for the paper's tasks, and strict validation.
+"""Configuration of a DDPO/RWR run: one dataclass and its strict validation.
 
 Every field carries a docstring (the string literal right below it); :func:`field_docs` reads them so
 that ``diffusion-mdp train --help`` prints the same text. A config comes from, in increasing priority:
-the dataclass defaults, a ``--preset``, a config file (TOML, JSON or YAML as its extension says, flat
-``key = value`` or one ``[train]`` table), and flags.
+the dataclass defaults, a ``--preset`` (``presets.py``), a config file (``config_files.py``: TOML, JSON or
+YAML as its extension says, flat ``key = value`` or one ``[train]`` table), and flags (:func:`build_config`).
 :meth:`TrainConfig.validate` checks everything that can be checked before any model is loaded and
 raises :class:`ConfigError` naming the fix.
+
+Why one file of ~500 lines: it is the contract of a run's settings, whose fields (~65, each with its
+docstring: ~150 lines) and checks (``validate``: ~210 lines) are read together; splitting them would put a
+field's default and its accepted range in two files. Presets and file parsing, which are not that contract,
+live in their own modules.
 
 >>> cfg = TrainConfig(samples_per_epoch=10, sample_batch_size=4)
 >>> try:
@@ -26,12 +31,13 @@ import json
 import math
 import os
 import textwrap
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config_files import CONFIG_FILE_FORMATS, load_config_file  # noqa: F401  (re-exported)
+from .errors import ConfigError
 from .presets import PRESETS  # the presets live in their own module
 
 ALGORITHMS = ("ddpo_is", "ddpo_sf", "rwr", "sparse_rwr")
@@ -39,10 +45,6 @@ ADVANTAGE_MODES = ("per_prompt", "batch", "group")
 MIXED_PRECISION = ("no", "auto", "bf16", "fp16")
 DISTRIBUTED_STRATEGIES = ("auto", "ddp", "fsdp")  # agents/distributed.py
 SCHEDULES = ("constant", "linear")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message says which field and how to fix it."""
 
 
 @dataclass
@@ -543,85 +545,6 @@ def device_error(device: str) -> str | None:
     elif parsed.type not in ("cpu", "xpu", "npu", "hpu"):
         return f"device type {parsed.type!r} is not supported for training: use 'cpu', 'cuda' or 'mps'"
     return None
-
-
-
-
-CONFIG_FILE_FORMATS = {".toml": "TOML", ".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}
-
-
-def _json_object_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads`` hook: a key given twice is an error (JSON itself would keep the last one silently)."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ConfigError(f"key {key!r} is given twice: keep one")
-        result[key] = value
-    return result
-
-
-def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a flat config file, parsed as its extension says (``.toml``, ``.json``, ``.yaml``/``.yml``).
-
-    The fields are either all at the top level or all in one ``train`` table; a file with both (or with
-    other tables) is an error rather than a file whose other keys are silently ignored.
-
-    Raises:
-        ConfigError: Missing file, unknown extension, a syntax error (with the parser's position), keys given
-            twice, keys outside the ``[train]`` table, or YAML without PyYAML installed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    kind = CONFIG_FILE_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise ConfigError(
-            f"config file {path}: unknown extension {path.suffix or '(none)'!r}; name it .toml, .json or .yaml "
-            "so that it is parsed as what it is"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8"
-        ) from None
-    try:
-        if kind == "JSON":
-            data = json.loads(text, object_pairs_hook=_json_object_no_duplicates)
-        elif kind == "TOML":
-            data = tomllib.loads(text)
-        else:
-            try:
-                import yaml
-            except ImportError:
-                raise ConfigError(
-                    f"config file {path} is YAML but PyYAML is not installed: pip install pyyaml, or write the "
-                    "same keys as TOML (run.toml)"
-                ) from None
-            data = yaml.safe_load(text)  # safe_load: plain data only, no Python objects
-    except ConfigError as exc:
-        raise ConfigError(f"config file {path}: {exc}") from None
-    except Exception as exc:  # each parser has its own error type; all of them mean a syntax error
-        raise ConfigError(f"config file {path} is not valid {kind}: {exc}") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold key = value pairs (a table), got a {type(data).__name__}")
-    if isinstance(data.get("train"), dict):
-        others = sorted(k for k in data if k != "train")
-        if others:
-            raise ConfigError(
-                f"config file {path} has keys outside its [train] table: {', '.join(others)}. They would be "
-                "ignored: move them into [train], or drop the [train] header and keep every key at the top level"
-            )
-        data = data["train"]
-    tables = sorted(k for k, v in data.items() if isinstance(v, dict))
-    if tables:
-        raise ConfigError(
-            f"config file {path}: {', '.join(tables)} is a table; config files are flat (key = value), with at most "
-            "one [train] table"
-        )
-    return dict(data)
 
 
 def build_config(

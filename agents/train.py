@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .base import DiffusionAgent, checkpoint_candidates, find_checkpoint, prompt_fingerprint
+from .base import DiffusionAgent
+from .checkpointing import checkpoint_candidates, checkpoint_path, find_checkpoint, prompt_fingerprint  # noqa: F401
 from .config import ALGORITHMS, ConfigError, TrainConfig
 from .ddpo_is import DDPOIS
 from .ddpo_sf import DDPOSF
@@ -74,11 +75,6 @@ register_algorithm("flow_grpo", FlowGRPO)
 def make_agent(config: TrainConfig, components: Any = None) -> DiffusionAgent:
     """The agent of ``config.algorithm``."""
     return AGENTS[config.algorithm](config, components=components)
-
-
-def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
-    """Where a run's newest checkpoint is written (older ones sit beside it as ``epoch<N>.pt``)."""
-    return Path(run_dir) / "checkpoints" / "last.pt"
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:

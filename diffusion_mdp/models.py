@@ -128,7 +128,7 @@ def resolve_model(model: str | os.PathLike[str] | None) -> tuple[str | Path, boo
     if path.exists() or os.fspath(model).startswith((".", "/", "~")):
         if not path.is_dir():
             raise FileNotFoundError(f"model folder {path} does not exist")
-        subfolders = PIPELINE_SUBFOLDERS
+        subfolders: tuple[str, ...] = PIPELINE_SUBFOLDERS
         if (path / "transformer").is_dir():  # SD3 / FLUX
             from diffusion_mdp.families import FLOW_SUBFOLDERS
 
@@ -291,10 +291,10 @@ def _read_json(location: str | Path, filename: str, is_local: bool) -> dict[str,
 
     for local_only in (True, False):
         try:
-            path = hf_hub_download(os.fspath(location), filename, local_files_only=local_only)
+            downloaded = hf_hub_download(os.fspath(location), filename, local_files_only=local_only)
         except Exception:  # missing file, offline, gated repository: the component loads report it clearly
             continue
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(downloaded).read_text())
     return None
 
 

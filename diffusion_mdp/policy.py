@@ -193,7 +193,8 @@ class DiffusionPolicy(nn.Module):
         return self.encode_prompts([""]).expand_as(like)
 
     @property
-    def text_encoder_2(self) -> nn.Module | None:
+    def text_encoder_2(self) -> Any:
+        """The second text encoder (SDXL / SD3: a ``CLIPTextModelWithProjection``, FLUX: T5), or None."""
         return self._frozen.get("text_encoder_2")
 
     def clear_prompt_cache(self) -> None:
@@ -221,6 +222,7 @@ class DiffusionPolicy(nn.Module):
         """
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         if self.family == "flux":  # guidance-distilled: w is the network's guidance input, no CFG
+            assert self._family is not None  # set for every flow-matching family
             return self._family.forward(self, latents, timesteps, prompt_embeds, guidance_scale=w)
         if w == 1.0:
             return self._unet(latents, timesteps, prompt_embeds)

@@ -18,6 +18,10 @@ more than the prompt is not penalised). The pieces here are separable:
   not clipped at 0).
 
 The name ``prompt_alignment`` stays the tiny-shapes attribute reward (``rewards/shapes.py``).
+
+Why one file of ~420 lines: a reward is one module (the house rule), and these are one reward family,
+prompt alignment: two of them are built from the same captioner protocol and BERTScorer, the third is the
+CLIP-based alternative to them.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ Example (the bundled model)::
     python -m diffusion_mdp.shapes.train_flow_model --stage all --seed 0 --steps 2000 --max-minutes 58
 
 Interrupt at any time; running the same command again resumes where the last checkpoint left off.
+
+Why one file of ~570 lines: it is the training script of one artefact (the bundled tiny-shapes-flow folder),
+read top to bottom like its sibling ``train_model.py``: the architecture, the loss, the training loop and the
+export are its stages, and none of them is used by anything but this script and its test.
 """
 
 from __future__ import annotations
