@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (Python 3.11):
-#   make train   set up .venv and run the main job: DDPO on the bundled tiny-shapes model
+#   make train   set up .venv and run the main job: DDPO-IS on the bundled tiny-shapes model's counting task
 #   make test    set up .venv and run the linter, the type checker, the layer check and the test suite
 # Both install into .venv with the CPU torch build pinned by constraints-cpu.txt.
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 setup: $(STAMP)
 
 train: $(STAMP)
-	$(VENV)/bin/diffusion-mdp train --preset tiny-shapes
+	$(VENV)/bin/diffusion-mdp train --preset tiny-shapes-counting
 
 # import-linter reads packages from the file tree, where agents/ and envs/ sit beside diffusion_mdp/: the
 # layer check runs on a copy laid out as installed (diffusion_mdp/agents, diffusion_mdp/envs).

@@ -53,13 +53,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prompts": "animals_activities",
         "samples_per_epoch": 256,
     },
-    # The main job: DDPO-IS on the bundled tiny-shapes model, ≤ 10 minutes on 2 CPU cores (about 6 on a quiet
-    # machine). Two departures from the paper's SD recipe, both measured (docs/agents.md, "Tuning on
-    # tiny-shapes"): full fine-tuning instead of LoRA (the 4M-parameter UNet's cross-attention sits at 4×4 only,
-    # so attention-only LoRA has little leverage, and peft's wrappers triple the epoch time of so small a
-    # model), and one AdamW step per 128 samples at lr 5e-5 (the policy gradient of 32 samples is mostly
-    # noise, and Adam's fixed step size turns noise into drift). JPEG compressibility is the paper's first
-    # task; the base model already scores ~0.95 on prompt alignment, which leaves too little headroom.
+    # The second tiny-shapes preset (the main job before the counting task): DDPO-IS for JPEG compressibility, about 6
+    # minutes on 2 quiet CPU cores. Two departures from the paper's SD recipe, both measured (docs/agents.md, "Tuning
+    # on tiny-shapes"): full fine-tuning instead of LoRA (the 4M-parameter UNet's cross-attention sits at 4×4 only, so
+    # attention-only LoRA has little leverage, and peft's wrappers triple the epoch time of so small a model), and one
+    # AdamW step per 128 samples at lr 5e-5 (the policy gradient of 32 samples is mostly noise, and Adam's fixed step
+    # size turns noise into drift). JPEG compressibility is the paper's first task; the base model already scores
+    # ~0.95 on prompt alignment, which leaves too little headroom.
     "tiny-shapes": {
         "name": "tiny-shapes",
         "model": "tiny-shapes",
@@ -91,14 +91,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_every": 10,
         "num_threads": 2,
     },
-    # DDPO-IS on a tiny-shapes task with headroom: "four <colour> <shape>" judged by the procedural
-    # shapes_geneval detector (exactly four objects, all of the prompt's colour and shape). The base model is
-    # right on about half the training prompts' samples and fewer of the unseen pairs'. The paper's update
-    # split, twice over: 4 minibatches of 32 per pass and 2 passes per epoch, one AdamW step each, so 7 of the
-    # 8 steps train on samples of an older policy and the importance ratio and the clip act (approx_kl and
-    # clipfrac > 0). Measured (docs/agents.md, "Tuning the counting task"): lr 3e-4 or 2e-4 wrecks the model
-    # in one or two epochs, clip 1e-2 learns less than 1e-3, one pass per epoch gains half as much in the
-    # same number of epochs, four passes go unstable.
+    # The main job (`make train`), ≤ 10.5 minutes on 2 CPU cores: DDPO-IS on a tiny-shapes task with headroom: "four
+    # <colour> <shape>" judged by the procedural shapes_geneval detector (exactly four objects, all of the prompt's
+    # colour and shape). The base model is right on about half the training prompts' samples and fewer of the unseen
+    # pairs'. The paper's update split, twice over: 4 minibatches of 32 per pass and 2 passes per epoch, one AdamW
+    # step each, so 7 of the 8 steps train on samples of an older policy and the importance ratio and the clip act
+    # (approx_kl and clipfrac > 0). Measured (docs/agents.md, "Tuning the counting task"): lr 3e-4 or 2e-4 wrecks the
+    # model in one or two epochs, clip 1e-2 learns less than 1e-3, one pass per epoch gains half as much in the same
+    # number of epochs, four passes go unstable.
     "tiny-shapes-counting": {
         "name": "tiny-shapes-counting",
         "model": "tiny-shapes",
