@@ -14,6 +14,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test, the session's setting restored after it.
+
+    Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's spin-waiting makes
+    2 threads several times slower than 1. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def reference_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of the reference tiny pipeline (ε-prediction), see ``diffusion_mdp.testing``."""

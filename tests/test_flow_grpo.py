@@ -11,13 +11,7 @@ import torch
 from diffusion_mdp.agents import ConfigError, FlowGRPO, TrainConfig, flow_grpo_loss, make_agent, train
 from diffusion_mdp.testing import build_reference_tiny_pipeline
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from diffusion_mdp.policy import DiffusionPolicy
 PROMPTS = ["a red circle", "two blue squares"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,7 @@ from diffusion_mdp.tokenizer import build_word_tokenizer
 WORDS = "a an the cat dog horse riding playing chess bike is what happening in this image red blue two".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's spin-waiting makes
-    # 2 threads several times slower than 1; restore the session's setting afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def images(count: int = 3, size: int = 64, seed: int = 0) -> np.ndarray:

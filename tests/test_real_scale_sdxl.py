@@ -15,14 +15,7 @@ from diffusion_mdp.policy import DiffusionPolicy
 PROMPTS = ["a red circle", "two blue squares"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's spin-waiting makes
-    # 2 threads several times slower than 1; restore the session's setting afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

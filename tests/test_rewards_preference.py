@@ -40,12 +40,7 @@ WORDS = "a an the cat dog horse riding playing chess bike red blue two photo of"
 PROMPTS = ["a photo of a cat", "two red horse playing chess", "the blue dog"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def images(count: int = 3, height: int = 48, width: int = 48, seed: int = 0) -> np.ndarray:

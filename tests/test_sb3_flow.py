@@ -24,12 +24,7 @@ from diffusion_mdp.policy import DiffusionPolicy
 NUM_STEPS = 3  # the schedule's model times are 1000, 500.5, 1: one of them is not an integer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
