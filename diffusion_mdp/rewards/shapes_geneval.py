@@ -43,6 +43,7 @@ Both return ``info`` with ``count_match``, ``colour_match``, ``shape_match`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,44 +230,35 @@ def _info(verdict: dict[str, np.ndarray]) -> dict[str, Any]:
                                                               "num_objects")}
 
 
-@register_reward("shapes_geneval")
-def shapes_geneval():
-    """Reward factory: 1 if the image holds exactly the prompt's count of objects, all of its colour and shape."""
+def _verdict_reward(score: Callable[[dict[str, np.ndarray]], np.ndarray]) -> Any:
+    """A reward that judges the images and turns the verdict into one number per image with ``score``."""
 
     def reward(
         images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
     ) -> tuple[np.ndarray, dict[str, Any]]:
         verdict = _judge(images, prompts, metadata)
-        return verdict["correct"].astype(np.float64), _info(verdict)
+        return score(verdict), _info(verdict)
 
     return reward
+
+
+@register_reward("shapes_geneval")
+def shapes_geneval():
+    """Reward factory: 1 if the image holds exactly the prompt's count of objects, all of its colour and shape."""
+    return _verdict_reward(lambda verdict: verdict["correct"].astype(np.float64))
 
 
 @register_reward("shapes_geneval_soft")
 def shapes_geneval_soft():
     """Reward factory: the fraction of the count, colour and shape checks an image passes (0, ⅓, ⅔ or 1)."""
-
-    def reward(
-        images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        verdict = _judge(images, prompts, metadata)
-        checks = np.stack([verdict[k] for k in ("count_match", "colour_match", "shape_match")]).astype(np.float64)
-        return checks.mean(0), _info(verdict)
-
-    return reward
+    checks = ("count_match", "colour_match", "shape_match")
+    return _verdict_reward(lambda verdict: np.stack([verdict[k] for k in checks]).astype(np.float64).mean(0))
 
 
 @register_reward("shapes_geneval_miss")
 def shapes_geneval_miss():
     """Reward factory: 1 if the image is *not* exactly the prompt (the sign-flipped ``shapes_geneval``)."""
-
-    def reward(
-        images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        verdict = _judge(images, prompts, metadata)
-        return 1.0 - verdict["correct"].astype(np.float64), _info(verdict)
-
-    return reward
+    return _verdict_reward(lambda verdict: 1.0 - verdict["correct"].astype(np.float64))
 
 
 __all__ = [
