@@ -48,6 +48,20 @@ def diffusion_policy_kwargs(
     }
 
 
+# What PPO and A2C share under DDPO: γ = λ = 1 (every step's advantage is the terminal reward), no SB3
+# re-normalisation, no critic, no entropy bonus, DDPO's gradient clip and LoRA learning rate.
+_DDPO_ON_POLICY: dict[str, Any] = {
+    "gamma": 1.0,
+    "gae_lambda": 1.0,
+    "normalize_advantage": False,
+    "ent_coef": 0.0,
+    "vf_coef": 0.0,
+    "max_grad_norm": 1.0,
+    "learning_rate": 3e-4,
+    "device": "cpu",
+}
+
+
 def ddpo_ppo_kwargs(env: DenoisingSB3VecEnv, batch_size: int | None = None, **overrides: Any) -> dict[str, Any]:
     """``PPO(...)`` settings under which SB3's PPO computes DDPO-IS's loss.
 
@@ -65,22 +79,14 @@ def ddpo_ppo_kwargs(env: DenoisingSB3VecEnv, batch_size: int | None = None, **ov
         **overrides: Any other ``PPO`` keyword.
     """
     n_steps = _adapter(env).mdp.num_steps
-    kwargs: dict[str, Any] = {
+    return {
         "n_steps": n_steps,
         "batch_size": batch_size or n_steps * env.num_envs,
         "n_epochs": 1,
-        "gamma": 1.0,
-        "gae_lambda": 1.0,
         "clip_range": 1e-4,
-        "normalize_advantage": False,
-        "ent_coef": 0.0,
-        "vf_coef": 0.0,
-        "max_grad_norm": 1.0,
-        "learning_rate": 3e-4,
-        "device": "cpu",
+        **_DDPO_ON_POLICY,
+        **overrides,
     }
-    kwargs.update(overrides)
-    return kwargs
 
 
 def ddpo_a2c_kwargs(env: VecEnv, **overrides: Any) -> dict[str, Any]:
@@ -95,16 +101,4 @@ def ddpo_a2c_kwargs(env: VecEnv, **overrides: Any) -> dict[str, Any]:
         env: The adapter (or a wrapper of it).
         **overrides: Any other ``A2C`` keyword.
     """
-    kwargs: dict[str, Any] = {
-        "n_steps": _adapter(env).mdp.num_steps,
-        "gamma": 1.0,
-        "gae_lambda": 1.0,
-        "normalize_advantage": False,
-        "ent_coef": 0.0,
-        "vf_coef": 0.0,
-        "max_grad_norm": 1.0,
-        "learning_rate": 3e-4,
-        "device": "cpu",
-    }
-    kwargs.update(overrides)
-    return kwargs
+    return {"n_steps": _adapter(env).mdp.num_steps, **_DDPO_ON_POLICY, **overrides}
