@@ -191,9 +191,10 @@ class EpochLoopMixin:
                 # Stop together (Ctrl-C reaches the processes at different moments).
                 self._stop_requested = self.dist.any_process(self._stop_requested)
                 eval_due = bool(cfg.eval_num_samples) and (self.epoch % cfg.eval_every == 0 or done)
+                save_due = self.epoch % cfg.save_every == 0 or done or eval_due  # and whenever a stop is requested
                 if not main:
                     if self.dist.sharded:  # FSDP: gathering the checkpoint and evaluating are collective
-                        if self.epoch % cfg.save_every == 0 or done or eval_due or self._stop_requested:
+                        if save_due or self._stop_requested:
                             self.save_checkpoint(eval_pending=eval_due)
                         if eval_due and not self._stop_requested:
                             self._evaluate_in_loop(self.epoch)
@@ -211,8 +212,9 @@ class EpochLoopMixin:
                         self.run_dir / "images" / f"samples_epoch{self.epoch:04d}.png",
                         title=f"training samples, epoch {self.epoch}",
                     )
-                # Save before evaluating: an evaluation that fails (its reward) loses no trained epoch.
-                if self.epoch % cfg.save_every == 0 or done or eval_due or self._stop_requested:
+                # Save before evaluating: an evaluation that fails (its reward) loses no trained epoch. The stop flag
+                # is read here, not above: a signal may arrive while the images are written.
+                if save_due or self._stop_requested:
                     self.save_checkpoint(eval_pending=eval_due)
                 if self._stop_requested:  # a due evaluation is left pending: the resumed run does it first
                     bar.close()
