@@ -1,0 +1,701 @@
+"""The paper's five claims, decided on the counting task with ≥ 5 seeds: ``python benchmarks/claims.py``.
+
+The task has headroom: "four <colour> <shape>s", judged by the procedural detector ``shapes_geneval``
+(100 % on 2000 fresh procedural images, ``benchmarks/shapes_judge_check.py``); the base model draws exactly
+that about half the time. Every run starts from the bundled model with the main job's recipe (the
+``tiny-shapes-counting`` preset: full fine-tuning, lr 1e-4, 128 samples per epoch in minibatches of 32), a
+shorter budget, and RL-trains on ``shapes_four_rl_train`` (12 of the 15 training pairs). Cells:
+
+============  =========================================================================================
+counting      reward = the judge; DDPO-IS (2 passes: 8 PPO-clip updates per epoch), DDPO-SF (one
+              REINFORCE step per epoch on the same samples), RWR (DDPO-IS's 8 updates, the paper's
+              guided regression target)
+captioner     reward = the bundled captioner's strict alignment (the paper's "VLM"), DDPO-IS; the judge,
+              which the run never queries, says whether the picture really improved
+============  =========================================================================================
+
+Each run is measured on fixed noise with the training sampler (10 DDIM steps, η = 1, CFG 5) before and
+after, on three prompt sets: the RL prompts, ``shapes_four_rl_heldout`` (3 training pairs RL never saw) and
+``shapes_four_heldout`` (3 pairs neither the base model nor RL saw). Seed s draws its own evaluation noise
+and measures the base model on it too, so a seed's gain (after − before) is paired, and the spread over
+seeds holds both the training's and the evaluation's randomness. A claim's effect is a mean gain, or a
+difference of two cells' mean gains; its 95 % interval is Student's t over seeds (Welch's for differences).
+Verdict: **held** when the interval excludes 0 in the paper's direction, **reversed** when it excludes 0 the
+other way, **not held** otherwise (no difference shown at this number of seeds).
+
+Outputs in ``<out>/``: ``runs/<task>-<method>-s<seed>/`` (the agents' run folder + ``record.json``, written
+last), ``base/s<seed>.json``, ``results.json`` (budget + records), ``claims.md``, ``claims.png`` and
+``samples.png``; ``--publish DIR`` copies the last four to ``DIR/<mode>/``, from which ``--import`` rebuilds
+the report in a fresh checkout. Kill it at any point and rerun the same command: finished runs are kept,
+an unfinished one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .grid import read_json, run_name, write_json_atomic
+
+BENCHMARKS = Path(__file__).resolve().parents[1]
+LAUNCHER = BENCHMARKS / "claims.py"
+RL_TRAIN, RL_HELDOUT, UNSEEN = "shapes_four_rl_train", "shapes_four_rl_heldout", "shapes_four_heldout"
+SETS: tuple[str, ...] = (RL_TRAIN, RL_HELDOUT, UNSEEN)
+# "miss" rewards the wrong pictures (1 − the judge's verdict): the sign-flipped control of a method that should
+# learn from the reward (its outcome must move the other way).
+TASK_REWARDS: dict[str, str] = {
+    "counting": "shapes_geneval",
+    "captioner": "strict_alignment",
+    "miss": "shapes_geneval_miss",
+}
+TASK_LABELS: dict[str, str] = {"counting": "judge reward", "captioner": "captioner reward", "miss": "1 − judge"}
+METHOD_LABELS: dict[str, str] = {"ddpo_is": "DDPO-IS", "ddpo_sf": "DDPO-SF", "rwr": "RWR", "sparse_rwr": "sparse RWR"}
+# What differs between the methods; everything else is the tiny-shapes-counting preset.
+METHOD_SETTINGS: dict[str, dict[str, Any]] = {
+    "ddpo_is": {},
+    "ddpo_sf": {"num_inner_epochs": 1},
+    "rwr": {},
+    "sparse_rwr": {},
+}
+CELLS: tuple[tuple[str, str], ...] = (
+    ("counting", "ddpo_is"),
+    ("counting", "ddpo_sf"),
+    ("counting", "rwr"),
+    ("captioner", "ddpo_is"),
+)
+
+
+@dataclass(frozen=True)
+class ClaimsBudget:
+    """What a mode runs (cells × seeds) and each run's budget.
+
+    Attributes:
+        mode: ``claims`` (the full grid), ``quick`` or a ``--label``; published to ``<publish>/<mode>/``.
+        cells: ``(task, method)`` pairs.
+        seeds: Seeds; every cell runs once per seed.
+        num_epochs: Epochs per run.
+        samples_per_epoch: Samples (= reward queries) per epoch.
+        per_prompt: Images per prompt and prompt set per measurement.
+        num_steps: Denoising steps T (training and measurement).
+        overrides: Further ``TrainConfig`` fields ``(key, value)`` for every run.
+    """
+
+    mode: str
+    cells: tuple[tuple[str, str], ...]
+    seeds: tuple[int, ...]
+    num_epochs: int
+    samples_per_epoch: int
+    per_prompt: int
+    num_steps: int = 10
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        """(task, method, seed), seed-major: a partial grid has whole seeds."""
+        return [(task, method, seed) for seed in self.seeds for task, method in self.cells]
+
+    def per_run(self) -> dict[str, Any]:
+        """What makes two runs comparable (everything but the mode, the cells and the seeds)."""
+        values = asdict(self)
+        keys = ("num_epochs", "samples_per_epoch", "per_prompt", "num_steps")
+        return {**{k: values[k] for k in keys}, "overrides": [list(pair) for pair in self.overrides]}  # as in JSON
+
+
+# 4 cells × 5 seeds = 20 runs of 10 epochs × 128 samples = 1280 reward queries (the main job spends 3072),
+# measured on 16 images per RL prompt and 32 per held-out prompt (192 + 96 + 96 per measurement).
+CLAIMS = ClaimsBudget("claims", CELLS, (0, 1, 2, 3, 4), num_epochs=10, samples_per_epoch=128, per_prompt=16)
+# Quick: seed 0 of the three judge-reward cells (the same runs as the full grid's, which reuses them).
+QUICK = replace(CLAIMS, mode="quick", cells=CELLS[:3], seeds=(0,))
+
+
+# ------------------------------------------------------------------------------------------------
+# One run
+# ------------------------------------------------------------------------------------------------
+def run_config(budget: ClaimsBudget, task: str, method: str, seed: int, out: Path, model: str, threads: int) -> Any:
+    """The run's ``TrainConfig``: the ``tiny-shapes-counting`` preset with the cell, seed and budget."""
+    from diffusion_mdp.agents import PRESETS, TrainConfig
+
+    values: dict[str, Any] = {
+        **PRESETS["tiny-shapes-counting"],
+        **METHOD_SETTINGS[method],
+        "name": run_name(task, method, seed),
+        "output_dir": str(out / "runs"),
+        "model": model,
+        "algorithm": method,
+        "reward": TASK_REWARDS[task],
+        "prompts": RL_TRAIN,
+        "eval_prompts": RL_HELDOUT,
+        "seed": seed,
+        "num_steps": budget.num_steps,
+        "num_epochs": budget.num_epochs,
+        "samples_per_epoch": budget.samples_per_epoch,
+        "eval_every": budget.num_epochs,  # measured here instead, with the training sampler
+        "save_every": 2,
+        "image_every": budget.num_epochs,
+        "num_threads": threads,
+        "progress_bar": False,
+        "log_formats": "csv",
+    }
+    values.update(dict(budget.overrides))
+    return TrainConfig.from_dict(values).validate()
+
+
+def _sample_module() -> Any:
+    sys.path.insert(0, str(BENCHMARKS))  # the tiny-shapes report's sampler, also used by shapes_four_eval.py
+    import tiny_shapes_report
+
+    return tiny_shapes_report
+
+
+def measure(model: str, checkpoint: Path | None, seed: int, per_prompt: int, num_steps: int) -> dict[str, Any]:
+    """Judge and captioner scores of the base model (``checkpoint`` None) or a run, on seed ``seed``'s noise.
+
+    Returns:
+        ``{"scores": {set: {"judge", "captioner", "count", "colour", "n"}}, "images": uint8 (3 · sets, H, W, 3),
+        "captions": [...]}``, the images being the first sample of each prompt (for the sample grid).
+    """
+    import torch
+
+    from diffusion_mdp.mdp import score_images
+    from diffusion_mdp.prompts import load_prompts
+    from diffusion_mdp.rewards import make_reward
+    from diffusion_mdp.rewards.shapes_geneval import judge_images
+    from diffusion_mdp.shapes import model_path
+
+    report = _sample_module()
+    pipe = report.load_pipeline(model_path() if model == "tiny-shapes" else model)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+        pipe.unet.load_state_dict(state["trainable"], strict=False)
+    captioner = make_reward("strict_alignment")
+    scores: dict[str, Any] = {}
+    shown, captions = [], []
+    for k, name in enumerate(SETS):
+        prompt_set = load_prompts(name)
+        prompts = [p for p in prompt_set.prompts for _ in range(per_prompt)]
+        metadata = [m for m in prompt_set.metadata for _ in range(per_prompt)]
+        noise_seed = 100_000 * (seed + 1) + 10_000 * k
+        images = np.concatenate([
+            report.sample(pipe, prompts[i : i + 64], steps=num_steps, eta=1.0, guidance=5.0, seed=noise_seed + i,
+                          bf16=False)
+            for i in range(0, len(prompts), 64)
+        ])  # fmt: skip
+        verdict = judge_images(images, metadata)
+        read = score_images(captioner, "strict_alignment", images, prompts, metadata)[0]
+        scores[name] = {
+            "judge": float(verdict["correct"].mean()),
+            "captioner": float(np.mean(read)),
+            "count": float(verdict["count_match"].mean()),
+            "colour": float(verdict["colour_match"].mean()),
+            "n": len(prompts),
+        }
+        for i in range(0, len(prompts), per_prompt):
+            shown.append(images[i])
+            captions.append(f"{prompts[i]} | {'right' if verdict['correct'][i] else 'wrong'}")
+    return {"scores": scores, "images": np.stack(shown), "captions": captions}
+
+
+def base_measurement(budget: ClaimsBudget, seed: int, out: Path, model: str) -> dict[str, Any]:
+    """The base model on seed ``seed``'s evaluation noise (computed once per seed, shared by its cells)."""
+    path = out / "base" / f"s{seed}.json"
+    cached = read_json(path, None)
+    if cached is None:
+        result = measure(model, None, seed, budget.per_prompt, budget.num_steps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path.with_suffix(".npz"), images=result["images"])
+        cached = {"scores": result["scores"], "captions": result["captions"]}
+        write_json_atomic(path, cached)
+    return cached
+
+
+def execute_run(budget: ClaimsBudget, task: str, method: str, seed: int, out: Path, model: str, threads: int) -> dict:
+    """Train (or resume) one run, measure it after; returns its record (also written as ``record.json``)."""
+    import json
+
+    import torch
+
+    from diffusion_mdp.agents import resume_config, train
+
+    t0 = time.perf_counter()
+    config = run_config(budget, task, method, seed, out, model, threads)
+    base = base_measurement(budget, seed, out, model)
+    checkpoint = config.run_dir / "checkpoints" / "last.pt"
+    trained = int(torch.load(checkpoint, weights_only=False)["epoch"]) if checkpoint.is_file() else 0
+    if not checkpoint.is_file():
+        train(config)
+    elif trained < budget.num_epochs:
+        train(resume_config(config.run_dir, {"num_threads": threads, "progress_bar": False}), resume=True)
+    after = measure(model, checkpoint, seed, budget.per_prompt, budget.num_steps)
+    np.savez_compressed(config.run_dir / "samples_after.npz", images=after["images"])
+    lines = (config.run_dir / "metrics.jsonl").read_text().splitlines()
+    history = [json.loads(line) for line in lines if line.strip()]
+    keys = ("reward_mean", "approx_kl", "clipfrac")
+    record = {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "status": "done",
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "queries": budget.num_epochs * budget.samples_per_epoch,
+        "before": base["scores"],
+        "after": after["scores"],
+        "captions_after": after["captions"],
+        "curve": [{"epoch": h["epoch"], **{k: h[k] for k in keys if k in h}} for h in history],
+    }
+    write_json_atomic(config.run_dir / "record.json", record)
+    return record
+
+
+def run_grid(budget: ClaimsBudget, out: Path, model: str, threads: int, shard: tuple[int, int] = (0, 1)) -> None:
+    """Run every run of ``budget`` (at positions ≡ k mod n for ``shard`` (k, n)) that has no ``record.json``."""
+    for position, (task, method, seed) in enumerate(budget.runs()):
+        name = run_name(task, method, seed)
+        if position % shard[1] != shard[0]:
+            continue
+        if (out / "runs" / name / "record.json").is_file():
+            print(f"[claims] {name}: finished, skipped", flush=True)
+            continue
+        print(f"[claims] {name}: starting", flush=True)
+        record = execute_run(budget, task, method, seed, out, model, threads)
+        gains = {s: round(record["after"][s]["judge"] - record["before"][s]["judge"], 3) for s in SETS}
+        print(f"[claims] {name}: done in {record['wall_s'] / 60:.1f} min, judge gains {gains}", flush=True)
+
+
+def collect(out: Path, budget: ClaimsBudget) -> dict[str, Any]:
+    """``{"budget", "runs"}``: the budget and every finished run of it in ``out``."""
+    wanted = {run_name(*run) for run in budget.runs()}
+    runs = {}
+    for name in sorted(wanted):
+        record = read_json(out / "runs" / name / "record.json", None)
+        if record is not None:
+            runs[name] = record
+    return {"budget": asdict(budget), "runs": runs}
+
+
+def check_folder(out: Path, budget: ClaimsBudget) -> None:
+    """Refuse an output folder written with another per-run budget (its runs are not comparable)."""
+    path = out / "budget.json"
+    saved = read_json(path, None)
+    if saved is not None and saved != budget.per_run():
+        raise SystemExit(
+            f"{out} holds runs of a different per-run budget ({saved}, this one {budget.per_run()}): use another "
+            "--out, or --label for a changed budget"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, budget.per_run())
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------------------
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student's t interval of ``values`` (one per seed): ``(mean, low, high)``; NaN bounds for n < 2.
+
+    >>> m, lo, hi = mean_interval([1.0, 2.0, 3.0])   # sd 1, se 1/√3, t(0.975, 2) = 4.303
+    >>> round(m, 3), round(hi - m, 3)
+    (2.0, 2.484)
+    """
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()) if len(x) else math.nan, math.nan, math.nan
+    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+def difference_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """mean(a) − mean(b) with Welch's t interval (unequal variances, Welch–Satterthwaite degrees of freedom).
+
+    >>> d, lo, hi = difference_interval([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])   # se √(2/3), df 4, t = 2.776
+    >>> round(d, 3), round(hi - d, 3)
+    (2.0, 2.267)
+    """
+    from scipy import stats
+
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) < 2 or len(y) < 2:
+        return float(x.mean() - y.mean()), math.nan, math.nan
+    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = math.sqrt(vx + vy)
+    if se == 0:
+        return float(x.mean() - y.mean()), float(x.mean() - y.mean()), float(x.mean() - y.mean())
+    df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
+    half = stats.t.ppf(0.5 + level / 2, df) * se
+    return float(x.mean() - y.mean()), float(x.mean() - y.mean() - half), float(x.mean() - y.mean() + half)
+
+
+def verdict(low: float, high: float) -> str:
+    """``held`` if the interval lies above 0 (the paper's direction), ``reversed`` below 0, else ``not held``.
+
+    >>> verdict(0.1, 0.3), verdict(-0.3, -0.1), verdict(-0.1, 0.2), verdict(math.nan, math.nan)
+    ('held', 'reversed', 'not held', 'not decided (one seed)')
+    """
+    if math.isnan(low):
+        return "not decided (one seed)"
+    return "held" if low > 0 else "reversed" if high < 0 else "not held"
+
+
+def gains(index: dict[str, Any], task: str, method: str, prompt_set: str, score: str = "judge") -> list[float]:
+    """Per seed: after − before of ``score`` on ``prompt_set`` for the cell (task, method), seed order."""
+    records = sorted(
+        (r for r in index["runs"].values() if r["task"] == task and r["method"] == method), key=lambda r: r["seed"]
+    )
+    return [r["after"][prompt_set][score] - r["before"][prompt_set][score] for r in records]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims: its effect is a cell's mean gain, or the difference of two cells' gains."""
+
+    claim: str
+    measured_as: str
+    cell: tuple[str, str, str, str]  # task, method, prompt set, score
+    minus: tuple[str, str, str, str] | None = None
+
+
+CLAIM_LIST: tuple[Claim, ...] = (
+    Claim("DDPO beats RWR", "judge gain on the RL prompts, DDPO-IS − RWR",
+          ("counting", "ddpo_is", RL_TRAIN, "judge"), ("counting", "rwr", RL_TRAIN, "judge")),
+    Claim("DDPO-IS beats DDPO-SF per reward query", "judge gain on the RL prompts at equal queries, IS − SF",
+          ("counting", "ddpo_is", RL_TRAIN, "judge"), ("counting", "ddpo_sf", RL_TRAIN, "judge")),
+    Claim("RL improves prompt alignment (VLM feedback)", "judge gain on the RL prompts, trained on the captioner",
+          ("captioner", "ddpo_is", RL_TRAIN, "judge")),
+    Claim("RL improves prompt alignment (judge reward)", "judge gain on the RL prompts, trained on the judge",
+          ("counting", "ddpo_is", RL_TRAIN, "judge")),
+    Claim("Gains carry to unseen prompts", "judge gain on 3 training pairs RL never saw (DDPO-IS)",
+          ("counting", "ddpo_is", RL_HELDOUT, "judge")),
+    Claim("Gains carry to unseen prompts (unseen pairs)", "judge gain on 3 pairs no model saw (DDPO-IS)",
+          ("counting", "ddpo_is", UNSEEN, "judge")),
+    Claim("Over-optimisation", "captioner's gain − judge's gain when trained on the captioner (RL prompts)",
+          ("captioner", "ddpo_is", RL_TRAIN, "captioner"), ("captioner", "ddpo_is", RL_TRAIN, "judge")),
+)  # fmt: skip
+
+
+def decide(index: dict[str, Any], claim: Claim) -> dict[str, Any]:
+    """The claim's effect, 95 % interval, seeds and verdict (``None`` when its cells have no finished run)."""
+    a = gains(index, *claim.cell)
+    b = gains(index, *claim.minus) if claim.minus else None
+    if not a or (b is not None and not b):
+        return {"claim": claim.claim, "measured_as": claim.measured_as, "seeds": 0, "verdict": "not run"}
+    if b is not None and claim.minus[:2] == claim.cell[:2]:
+        # Two scores of the same runs: the per-seed difference is paired.
+        effect, low, high = mean_interval([x - y for x, y in zip(a, b, strict=True)])
+    elif b is not None:
+        effect, low, high = difference_interval(a, b)
+    else:
+        effect, low, high = mean_interval(a)
+    seeds = min(len(a), len(b)) if b is not None else len(a)
+    return {"claim": claim.claim, "measured_as": claim.measured_as, "seeds": seeds, "effect": effect,
+            "low": low, "high": high, "verdict": verdict(low, high)}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+def _pm(values: Sequence[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def claims_table(index: dict[str, Any]) -> str:
+    """Markdown: each claim's effect (points of judge accuracy), 95 % interval, seeds and verdict."""
+    lines = ["| claim | measured as | seeds | effect | 95 % interval | verdict |", "|---|---|---|---|---|---|"]
+    for claim in CLAIM_LIST:
+        d = decide(index, claim)
+        if not d["seeds"]:
+            lines.append(f"| {d['claim']} | {d['measured_as']} | 0 | — | — | not run |")
+            continue
+        interval = "—" if math.isnan(d["low"]) else f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+        lines.append(
+            f"| {d['claim']} | {d['measured_as']} | {d['seeds']} | {100 * d['effect']:+.1f} points | {interval} | "
+            f"**{d['verdict']}** |"
+        )
+    return "\n".join(lines)
+
+
+def cells_table(index: dict[str, Any]) -> str:
+    """Markdown: per cell, judge (and captioner) accuracy before → after on the three sets, mean ± std over seeds."""
+    lines = [
+        f"| reward | method | seeds | judge `{RL_TRAIN}` | judge `{RL_HELDOUT}` | judge `{UNSEEN}` "
+        f"| captioner `{RL_TRAIN}` | batch accuracy epoch 1 → last | approx_kl / clipfrac, last epoch | min / run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, method in dict.fromkeys((r["task"], r["method"]) for r in index["runs"].values()):
+        records = sorted((r for r in index["runs"].values() if (r["task"], r["method"]) == (task, method)),
+                         key=lambda r: r["seed"])  # fmt: skip
+        cells = []
+        for name, score in ((RL_TRAIN, "judge"), (RL_HELDOUT, "judge"), (UNSEEN, "judge"), (RL_TRAIN, "captioner")):
+            before = [r["before"][name][score] for r in records]
+            after = [r["after"][name][score] for r in records]
+            cells.append(f"{_pm(before)} → {_pm(after)}")
+        first = [r["curve"][0]["reward_mean"] for r in records]
+        last = [r["curve"][-1]["reward_mean"] for r in records]
+        kl = [r["curve"][-1].get("approx_kl", math.nan) for r in records]
+        clip = [r["curve"][-1].get("clipfrac", math.nan) for r in records]
+        ppo = "—" if math.isnan(kl[0]) else f"{np.mean(kl):.1e} / {np.mean(clip):.2f}"
+        lines.append(
+            f"| {TASK_LABELS[task]} | {METHOD_LABELS[method]} | {len(records)} | {' | '.join(cells)} | "
+            f"{_pm(first)} → {_pm(last)} | {ppo} | {np.mean([r['wall_s'] for r in records]) / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(index: dict[str, Any], path: Path) -> Path:
+    """Left: training-batch reward per epoch (mean ± std over seeds) per cell. Right: claims' effects, intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
+    for task, method in dict.fromkeys((r["task"], r["method"]) for r in index["runs"].values()):
+        records = [r for r in index["runs"].values() if (r["task"], r["method"]) == (task, method)]
+        length = min(len(r["curve"]) for r in records)
+        values = np.array([[p["reward_mean"] for p in r["curve"][:length]] for r in records])
+        epochs = np.arange(1, length + 1)
+        label = f"{METHOD_LABELS[method]}, {TASK_LABELS[task]} (n={len(records)})"
+        (line,) = left.plot(epochs, values.mean(0), marker="o", ms=3, label=label)
+        if len(records) > 1:
+            left.fill_between(epochs, values.mean(0) - values.std(0), values.mean(0) + values.std(0),
+                              color=line.get_color(), alpha=0.15)  # fmt: skip
+    left.set_xlabel(f"epoch ({index['budget'].get('samples_per_epoch', '?')} reward queries each)")
+    left.set_ylabel("training-batch reward (accuracy)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    decided = [decide(index, c) for c in CLAIM_LIST]
+    decided = [d for d in decided if d["seeds"]]
+    colours = {"held": "C2", "reversed": "C3"}
+    for i, d in enumerate(decided):
+        y = len(decided) - 1 - i
+        right.plot([100 * d["effect"]], [y], "o", color=colours.get(d["verdict"], "C7"))
+        if not math.isnan(d["low"]):
+            right.plot([100 * d["low"], 100 * d["high"]], [y, y], color=colours.get(d["verdict"], "C7"), lw=2)
+    right.axvline(0, color="k", lw=0.8)
+    right.set_yticks(range(len(decided)), [f"{d['claim']} ({d['verdict']})" for d in reversed(decided)], fontsize=8)
+    right.set_xlabel("effect, points of accuracy (95 % interval over seeds)")
+    right.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sample_grid(index: dict[str, Any], out: Path, path: Path) -> Path | None:
+    """The base model and each cell's lowest seed after training: one image per prompt, the same noise."""
+    from diffusion_mdp.viz import image_grid
+
+    records = sorted(index["runs"].values(), key=lambda r: r["seed"])
+    if not records:
+        return None
+    seed = records[0]["seed"]
+    base_file = out / "base" / f"s{seed}.npz"
+    if not base_file.is_file():
+        return None
+    base = read_json(out / "base" / f"s{seed}.json", {})
+    images, captions = list(np.load(base_file)["images"]), [f"base: {c}" for c in base.get("captions", [])]
+    for r in (r for r in records if r["seed"] == seed):
+        npz = out / "runs" / run_name(r["task"], r["method"], seed) / "samples_after.npz"
+        if npz.is_file():
+            images.extend(np.load(npz)["images"])
+            label = f"{METHOD_LABELS[r['method']]} ({TASK_LABELS[r['task']]})"
+            captions.extend(f"{label}: {c}" for c in r["captions_after"])
+    columns = len(base.get("captions", [])) or 18
+    title = (f"seed {seed}: one sample per prompt ({RL_TRAIN} | {RL_HELDOUT} | {UNSEEN}), the same noise in every "
+             "row; verdicts of the judge")  # fmt: skip
+    image_grid(np.stack(images), captions, columns=columns, scale=3, caption_lines=3, title=title).save(path)
+    return path
+
+
+def write_report(index: dict[str, Any], out: Path, command: str) -> list[Path]:
+    """Write ``claims.md``, ``claims.png`` and ``samples.png`` into ``out``; returns their paths."""
+    if not index["runs"]:
+        raise SystemExit(f"{out}: no finished runs to report")
+    budget = index["budget"]
+    figures = [plot(index, out / "claims.png")]
+    grid = sample_grid(index, out, out / "samples.png")
+    figures += [grid] if grid else []
+    planned = len(budget["cells"]) * len(budget["seeds"])
+    overrides = f"; overrides {budget['overrides']}" if budget["overrides"] else ""
+    text = [
+        f"# The paper's claims on the counting task: {budget['mode']} budget",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Runs finished: {len(index['runs'])} of {planned} (seeds {', '.join(map(str, budget['seeds']))}). Each run: "
+        f"{budget['num_epochs']} epochs × {budget['samples_per_epoch']} samples = "
+        f"{budget['num_epochs'] * budget['samples_per_epoch']} reward queries on `{RL_TRAIN}`, the "
+        f"`tiny-shapes-counting` preset otherwise{overrides}. "
+        f"Measurement: {budget['per_prompt']} images per prompt per set ({budget['num_steps']} DDIM steps, η = 1, "
+        "CFG 5), seed s's "
+        "own noise before and after. Effects are in points of accuracy (100 × fraction of images right); "
+        "intervals are 95 % Student's t over seeds (Welch's for a difference of two cells).",
+        "",
+        "## Claims",
+        "",
+        claims_table(index),
+        "",
+        "![claims](claims.png)",
+        "",
+        "## Cells (mean ± std over seeds)",
+        "",
+        cells_table(index),
+        "",
+        *([f"![samples]({grid.name})", ""] if grid else []),
+    ]
+    path = out / "claims.md"
+    path.write_text("\n".join(text))
+    return [path, *figures]
+
+
+def publish(files: Sequence[Path], index: dict[str, Any], out: Path, target: Path) -> Path:
+    """Copy the report, its figures, ``results.json`` and the base-model images to ``target/<mode>/``."""
+    dest = target / index["budget"]["mode"]
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for path in files:
+        shutil.copy2(path, dest / path.name)
+    write_json_atomic(dest / "results.json", index)
+    return dest
+
+
+def import_published(source: Path, out: Path, budget: ClaimsBudget) -> int:
+    """Write the published runs' records into ``out`` (a fresh checkout has no ``runs/``); returns how many."""
+    published = read_json(source / "results.json", None)
+    if published is None:
+        raise SystemExit(f"{source}/results.json does not exist")
+    per_run = ClaimsBudget(**{**published["budget"], "cells": tuple(map(tuple, published["budget"]["cells"])),
+                              "seeds": tuple(published["budget"]["seeds"]),
+                              "overrides": tuple(map(tuple, published["budget"]["overrides"]))}).per_run()  # fmt: skip
+    if per_run != budget.per_run():
+        raise SystemExit(f"{source}: its per-run budget {per_run} is not this one's {budget.per_run()}")
+    check_folder(out, budget)
+    for name, record in published["runs"].items():
+        target = out / "runs" / name / "record.json"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(target, {**record, "imported_from": str(source)})
+    return len(published["runs"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python benchmarks/claims.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="seed 0 of the three judge-reward cells (~15 min)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/claims-<mode>)")
+    p.add_argument("--publish", type=Path, default=None, help="copy the report to PUBLISH/<mode>/")
+    p.add_argument("--import", dest="import_from", type=Path, default=None, help="a published folder to start from")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
+    p.add_argument("--jobs", type=int, default=2, help="processes (1 torch thread each)")
+    p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--model", default="tiny-shapes", help="model (a tiny-shapes pipeline folder)")
+    p.add_argument("--seeds", nargs="+", type=int, help="override the seeds")
+    p.add_argument("--cells", nargs="+", help="override the cells, as task:method (e.g. counting:ddpo_is)")
+    p.add_argument("--epochs", type=int, help="override epochs per run")
+    p.add_argument("--samples-per-epoch", type=int, help="override samples per epoch")
+    p.add_argument("--per-prompt", type=int, help="override images per prompt per measurement")
+    p.add_argument("--num-steps", type=int, help="override denoising steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig field for every run")
+    p.add_argument("--label", default=None, help="name of a changed per-run budget (its folders use it)")
+    return p.parse_args(argv)
+
+
+def budget_from_args(args: argparse.Namespace) -> ClaimsBudget:
+    """The mode's budget with the command line's changes; a changed per-run budget needs a ``--label``."""
+    budget = QUICK if args.quick else CLAIMS
+    changes: dict[str, Any] = {}
+    if args.seeds:
+        changes["seeds"] = tuple(args.seeds)
+    if args.cells:
+        cells = tuple(tuple(c.split(":", 1)) for c in args.cells)
+        bad = [c for c in cells if len(c) != 2 or c[0] not in TASK_REWARDS or c[1] not in METHOD_SETTINGS]
+        if bad:
+            raise SystemExit(f"--cells {bad}: use task:method with task in {list(TASK_REWARDS)} and method in "
+                             f"{list(METHOD_SETTINGS)}")  # fmt: skip
+        changes["cells"] = cells
+    per_run = {"num_epochs": args.epochs, "samples_per_epoch": args.samples_per_epoch,
+               "per_prompt": args.per_prompt, "num_steps": args.num_steps}  # fmt: skip
+    per_run_changes = {k: v for k, v in per_run.items() if v is not None}
+    if args.set:
+        bad = [s for s in args.set if "=" not in s]
+        if bad:
+            raise SystemExit(f"--set {bad[0]!r}: write KEY=VALUE, e.g. --set rwr_beta=0.5")
+        per_run_changes["overrides"] = tuple(tuple(s.split("=", 1)) for s in args.set)
+    if per_run_changes and not args.label:
+        raise SystemExit("a changed per-run budget (--epochs, --set, ...) needs --label NAME: its runs are not the "
+                         f"{budget.mode} grid's")  # fmt: skip
+    if args.label:
+        changes["mode"] = args.label
+    return replace(budget, **changes, **per_run_changes)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run (or continue) the grid, then write (and publish) the report; returns the index."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    budget = budget_from_args(args)
+    out = args.out or Path(f"runs/claims-{budget.mode}")
+    t0 = time.perf_counter()
+    if args.import_from is not None:
+        count = import_published(args.import_from, out, budget)
+        print(f"[claims] imported {count} runs from {args.import_from}", flush=True)
+    if not args.report_only:
+        check_folder(out, budget)
+        if args.jobs > 1:
+            children = [
+                subprocess.Popen([sys.executable, str(LAUNCHER), *_strip(argv), "--out", str(out), "--jobs", "1",
+                                  "--shard", f"{k}/{args.jobs}", "--threads", "1"])
+                for k in range(args.jobs)
+            ]  # fmt: skip
+            codes = [child.wait() for child in children]
+            if any(codes):
+                raise SystemExit(f"a process failed (exit codes {codes}); rerun the same command to continue")
+        else:
+            k, n = (int(x) for x in args.shard.split("/"))
+            run_grid(budget, out, args.model, args.threads, shard=(k, n))
+            if n > 1:
+                return collect(out, budget)
+        print(f"[claims] grid pass took {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    index = collect(out, budget)
+    command = "python benchmarks/claims.py " + " ".join(a for a in argv if not a.startswith("--shard"))
+    files = write_report(index, out, command.strip())
+    print(f"[claims] report: {files[0]}", flush=True)
+    if args.publish:
+        print(f"[claims] published to {publish(files, index, out, args.publish)}", flush=True)
+    return index
+
+
+def _strip(argv: Sequence[str]) -> list[str]:
+    """``argv`` without the options that name folders or processes (kept out of child commands and the report)."""
+    skip = {"--out", "--publish", "--import", "--jobs", "--shard", "--threads"}
+    kept, drop_next = [], False
+    for a in argv:
+        if drop_next:
+            drop_next = False
+            continue
+        if a in skip:
+            drop_next = True
+            continue
+        kept.append(a)
+    return kept
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
