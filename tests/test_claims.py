@@ -65,9 +65,12 @@ def test_verdicts_follow_the_intervals() -> None:
     assert decided["DDPO-IS beats DDPO-SF per reward query"]["verdict"] == "not held"  # equal gains
     assert decided["RL improves prompt alignment (VLM feedback)"]["verdict"] == "not held"  # flat
     assert decided["RL improves prompt alignment (judge reward)"]["verdict"] == "held"
-    # Over-optimisation: the captioner rises 0.1 more than the judge in every seed (paired: zero spread).
-    assert decided["Over-optimisation"]["effect"] == pytest.approx(0.1)
-    assert decided["Over-optimisation"]["verdict"] == "held"
+    # The captioner rises 0.1 more than the judge in every seed (paired: zero spread): trained on the judge, the
+    # trained reward gains less than the evaluator (reversed); trained on the captioner, more (held).
+    assert decided["Over-optimisation"]["effect"] == pytest.approx(-0.1)
+    assert decided["Over-optimisation"]["verdict"] == "reversed"
+    assert decided["Over-optimisation (captioner reward)"]["effect"] == pytest.approx(0.1)
+    assert decided["Over-optimisation (captioner reward)"]["verdict"] == "held"
     reversed_index = _index({("counting", "ddpo_is"): down, ("counting", "rwr"): up})
     assert claims.decide(reversed_index, claims.CLAIM_LIST[0])["verdict"] == "reversed"
     assert claims.decide(reversed_index, claims.CLAIM_LIST[2])["verdict"] == "not run"  # no captioner runs

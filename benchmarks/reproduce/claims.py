@@ -19,7 +19,13 @@ after, on three prompt sets: the RL prompts, ``shapes_four_rl_heldout`` (3 train
 ``shapes_four_heldout`` (3 pairs neither the base model nor RL saw). Seed s draws its own evaluation noise
 and measures the base model on it too, so a seed's gain (after − before) is paired, and the spread over
 seeds holds both the training's and the evaluation's randomness. A claim's effect is a mean gain, or a
-difference of two cells' mean gains; its 95 % interval is Student's t over seeds (Welch's for differences).
+difference of two cells' mean gains; its 95 % interval is Student's t over seeds (Welch's for differences
+of cells, paired for two scores of the same runs). The claims (:data:`CLAIM_LIST`): DDPO beats RWR, and
+DDPO-IS beats DDPO-SF, compare judge gains on the RL prompts at equal reward queries; RL improves alignment
+is a judge gain, trained on the judge and on the captioner (the paper's VLM feedback); generalisation is
+DDPO-IS's judge gain on the pairs RL never saw; over-optimisation is how much more the reward a run trains
+on gains than an evaluator it never queries, on the same images (the captioner for a judge-trained run,
+the judge for a captioner-trained one).
 Verdict: **held** when the interval excludes 0 in the paper's direction, **reversed** when it excludes 0 the
 other way, **not held** otherwise (no difference shown at this number of seeds).
 
@@ -377,7 +383,9 @@ CLAIM_LIST: tuple[Claim, ...] = (
           ("counting", "ddpo_is", RL_HELDOUT, "judge")),
     Claim("Gains carry to unseen prompts (unseen pairs)", "judge gain on 3 pairs no model saw (DDPO-IS)",
           ("counting", "ddpo_is", UNSEEN, "judge")),
-    Claim("Over-optimisation", "captioner's gain − judge's gain when trained on the captioner (RL prompts)",
+    Claim("Over-optimisation", "trained on the judge: judge's gain − the captioner's on the same images",
+          ("counting", "ddpo_is", RL_TRAIN, "judge"), ("counting", "ddpo_is", RL_TRAIN, "captioner")),
+    Claim("Over-optimisation (captioner reward)", "trained on the captioner: its gain − the judge's",
           ("captioner", "ddpo_is", RL_TRAIN, "captioner"), ("captioner", "ddpo_is", RL_TRAIN, "judge")),
 )  # fmt: skip
 
