@@ -538,7 +538,7 @@ def write_report(index: dict[str, Any], out: Path, command: str) -> list[Path]:
     grid = sample_grid(index, out, out / "samples.png")
     figures += [grid] if grid else []
     planned = len(budget["cells"]) * len(budget["seeds"])
-    overrides = f"; overrides {budget['overrides']}" if budget["overrides"] else ""
+    overrides = "".join(f"; {key}={value}" for key, value in budget["overrides"])
     text = [
         f"# The paper's claims on the counting task: {budget['mode']} budget",
         "",
