@@ -87,7 +87,8 @@ class ClaimsBudget:
     """What a mode runs (cells × seeds) and each run's budget.
 
     Attributes:
-        mode: ``claims`` (the full grid), ``quick`` or a ``--label``; published to ``<publish>/<mode>/``.
+        mode: ``claims`` (the full grid), ``claims-quick`` or a ``--label``; published to ``<publish>/<mode>/``
+            (the first grid's ``full`` and ``quick`` live beside them) and run in ``runs/<mode>`` by default.
         cells: ``(task, method)`` pairs.
         seeds: Seeds; every cell runs once per seed.
         num_epochs: Epochs per run.
@@ -122,7 +123,7 @@ class ClaimsBudget:
 CLAIMS = ClaimsBudget("claims", CELLS, (0, 1, 2, 3, 4), num_epochs=10, samples_per_epoch=128, per_prompt=16)
 # Quick: seed 0 of DDPO-IS and DDPO-SF on the judge reward, one process each (~11 min on 2 cores); the same
 # runs as the full grid's, which reuses them. One seed gives effects, not intervals.
-QUICK = replace(CLAIMS, mode="quick", cells=CELLS[:2], seeds=(0,))
+QUICK = replace(CLAIMS, mode="claims-quick", cells=CELLS[:2], seeds=(0,))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -606,7 +607,8 @@ def import_published(source: Path, out: Path, budget: ClaimsBudget) -> int:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/claims.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="seed 0 of DDPO-IS and DDPO-SF (~11 min)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/claims-<mode>)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/claims, runs/claims-quick, "
+                   "runs/claims-<label>)")
     p.add_argument("--publish", type=Path, default=None, help="copy the report to PUBLISH/<mode>/")
     p.add_argument("--import", dest="import_from", type=Path, default=None, help="a published folder to start from")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from the finished runs")
@@ -659,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     budget = budget_from_args(args)
-    out = args.out or Path(f"runs/claims-{budget.mode}")
+    out = args.out or Path(f"runs/{budget.mode}" if budget.mode.startswith("claims") else f"runs/claims-{budget.mode}")
     t0 = time.perf_counter()
     if args.import_from is not None:
         count = import_published(args.import_from, out, budget)
