@@ -472,13 +472,14 @@ def plot(index: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
+    curve_colours = iter(["C0", "C1", "C4", "C9", "C5", "C6", "C8"])  # green, red, grey: the verdicts' (right)
     for task, method in dict.fromkeys((r["task"], r["method"]) for r in index["runs"].values()):
         records = [r for r in index["runs"].values() if (r["task"], r["method"]) == (task, method)]
         length = min(len(r["curve"]) for r in records)
         values = np.array([[p["reward_mean"] for p in r["curve"][:length]] for r in records])
         epochs = np.arange(1, length + 1)
         label = f"{METHOD_LABELS[method]}, {TASK_LABELS[task]} (n={len(records)})"
-        (line,) = left.plot(epochs, values.mean(0), marker="o", ms=3, label=label)
+        (line,) = left.plot(epochs, values.mean(0), marker="o", ms=3, label=label, color=next(curve_colours, None))
         if len(records) > 1:
             left.fill_between(epochs, values.mean(0) - values.std(0), values.mean(0) + values.std(0),
                               color=line.get_color(), alpha=0.15)  # fmt: skip
