@@ -52,7 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from .grid import read_json, run_name, write_json_atomic
+from .grid import METHOD_LABELS, read_json, run_name, write_json_atomic
+from .report import mean_std
 
 BENCHMARKS = Path(__file__).resolve().parents[1]
 LAUNCHER = BENCHMARKS / "claims.py"
@@ -66,7 +67,6 @@ TASK_REWARDS: dict[str, str] = {
     "miss": "shapes_geneval_miss",
 }
 TASK_LABELS: dict[str, str] = {"counting": "judge reward", "captioner": "captioner reward", "miss": "1 − judge"}
-METHOD_LABELS: dict[str, str] = {"ddpo_is": "DDPO-IS", "ddpo_sf": "DDPO-SF", "rwr": "RWR", "sparse_rwr": "sparse RWR"}
 # What differs between the methods; everything else is the tiny-shapes-counting preset.
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "ddpo_is": {},
@@ -113,9 +113,13 @@ class ClaimsBudget:
 
     def per_run(self) -> dict[str, Any]:
         """What makes two runs comparable (everything but the mode, the cells and the seeds)."""
-        values = asdict(self)
-        keys = ("num_epochs", "samples_per_epoch", "per_prompt", "num_steps")
-        return {**{k: values[k] for k in keys}, "overrides": [list(pair) for pair in self.overrides]}  # as in JSON
+        return per_run_budget(asdict(self))
+
+
+def per_run_budget(budget: dict[str, Any]) -> dict[str, Any]:
+    """The per-run part of a budget's fields (a :class:`ClaimsBudget` as a dict, or as read from JSON)."""
+    keys = ("num_epochs", "samples_per_epoch", "per_prompt", "num_steps")
+    return {**{k: budget[k] for k in keys}, "overrides": [list(pair) for pair in budget["overrides"]]}  # as in JSON
 
 
 # 4 cells × 5 seeds = 20 runs of 10 epochs × 128 samples = 1280 reward queries (the main job spends 3072),
@@ -332,15 +336,15 @@ def difference_interval(a: Sequence[float], b: Sequence[float], level: float = 0
     from scipy import stats
 
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(x.mean() - y.mean())
     if len(x) < 2 or len(y) < 2:
-        return float(x.mean() - y.mean()), math.nan, math.nan
+        return diff, math.nan, math.nan
     vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    se = math.sqrt(vx + vy)
-    if se == 0:
-        return float(x.mean() - y.mean()), float(x.mean() - y.mean()), float(x.mean() - y.mean())
+    if vx + vy == 0:
+        return diff, diff, diff
     df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
-    half = stats.t.ppf(0.5 + level / 2, df) * se
-    return float(x.mean() - y.mean()), float(x.mean() - y.mean() - half), float(x.mean() - y.mean() + half)
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(vx + vy)
+    return diff, diff - half, diff + half
 
 
 def verdict(low: float, high: float) -> str:
@@ -393,7 +397,7 @@ CLAIM_LIST: tuple[Claim, ...] = (
 
 
 def decide(index: dict[str, Any], claim: Claim) -> dict[str, Any]:
-    """The claim's effect, 95 % interval, seeds and verdict (``None`` when its cells have no finished run)."""
+    """The claim's effect, 95 % interval, seeds and verdict (verdict ``not run`` when a cell has no finished run)."""
     a = gains(index, *claim.cell)
     b = gains(index, *claim.minus) if claim.minus else None
     if not a or (b is not None and not b):
@@ -413,14 +417,6 @@ def decide(index: dict[str, Any], claim: Claim) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
-def _pm(values: Sequence[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
-
-
 def claims_table(index: dict[str, Any]) -> str:
     """Markdown: each claim's effect (points of judge accuracy), 95 % interval, seeds and verdict."""
     lines = ["| claim | measured as | seeds | effect | 95 % interval | verdict |", "|---|---|---|---|---|---|"]
@@ -451,7 +447,7 @@ def cells_table(index: dict[str, Any]) -> str:
         for name, score in ((RL_TRAIN, "judge"), (RL_HELDOUT, "judge"), (UNSEEN, "judge"), (RL_TRAIN, "captioner")):
             before = [r["before"][name][score] for r in records]
             after = [r["after"][name][score] for r in records]
-            cells.append(f"{_pm(before)} → {_pm(after)}")
+            cells.append(f"{mean_std(before)} → {mean_std(after)}")
         first = [r["curve"][0]["reward_mean"] for r in records]
         last = [r["curve"][-1]["reward_mean"] for r in records]
         kl = [r["curve"][-1].get("approx_kl", math.nan) for r in records]
@@ -459,7 +455,7 @@ def cells_table(index: dict[str, Any]) -> str:
         ppo = "—" if math.isnan(kl[0]) else f"{np.mean(kl):.1e} / {np.mean(clip):.2f}"
         lines.append(
             f"| {TASK_LABELS[task]} | {METHOD_LABELS[method]} | {len(records)} | {' | '.join(cells)} | "
-            f"{_pm(first)} → {_pm(last)} | {ppo} | {np.mean([r['wall_s'] for r in records]) / 60:.1f} |"
+            f"{mean_std(first)} → {mean_std(last)} | {ppo} | {np.mean([r['wall_s'] for r in records]) / 60:.1f} |"
         )
     return "\n".join(lines)
 
@@ -588,9 +584,7 @@ def import_published(source: Path, out: Path, budget: ClaimsBudget) -> int:
     published = read_json(source / "results.json", None)
     if published is None:
         raise SystemExit(f"{source}/results.json does not exist")
-    per_run = ClaimsBudget(**{**published["budget"], "cells": tuple(map(tuple, published["budget"]["cells"])),
-                              "seeds": tuple(published["budget"]["seeds"]),
-                              "overrides": tuple(map(tuple, published["budget"]["overrides"]))}).per_run()  # fmt: skip
+    per_run = per_run_budget(published["budget"])
     if per_run != budget.per_run():
         raise SystemExit(f"{source}: its per-run budget {per_run} is not this one's {budget.per_run()}")
     check_folder(out, budget)

@@ -29,7 +29,7 @@ def _group(index: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]
     return groups
 
 
-def _mean_std(values: Sequence[float], digits: int = 3) -> str:
+def mean_std(values: Sequence[float], digits: int = 3) -> str:
     if not values:
         return "—"
     if len(values) == 1:
@@ -90,8 +90,8 @@ def results_table(index: dict[str, Any]) -> str:
             else:
                 reach = f"not reached (0/{len(records)})"
             lines.append(
-                f"| {TASKS[task].label} | {METHOD_LABELS[method]} | {len(records)} | {_mean_std(first)} | "
-                f"{_mean_std(final)} | {_mean_std(gain)} | {_mean_std(before)} → {_mean_std(after)} | {reach} | "
+                f"| {TASKS[task].label} | {METHOD_LABELS[method]} | {len(records)} | {mean_std(first)} | "
+                f"{mean_std(final)} | {mean_std(gain)} | {mean_std(before)} → {mean_std(after)} | {reach} | "
                 f"{np.mean([r['wall_s'] for r in records]):.0f} |"
             )
     notes = "; ".join(f"{TASKS[t].label}: {m:.3f}" for t, (_, m) in marks.items())
@@ -128,11 +128,11 @@ def generalisation_table(index: dict[str, Any]) -> str:
             cells = []
             for name in (spec.prompts, SEEN_SET, HELDOUT_SET):
                 before, after = before_after(name)
-                cells.append(f"{_mean_std(before)} → {_mean_std(after)}")
+                cells.append(f"{mean_std(before)} → {mean_std(after)}")
             gains = []
             for name in (SEEN_SET, HELDOUT_SET):
                 before, after = before_after(name)
-                gains.append(_mean_std([b - a for a, b in zip(before, after, strict=True)]))
+                gains.append(mean_std([b - a for a, b in zip(before, after, strict=True)]))
             trained = cells[0] if spec.prompts not in (SEEN_SET, HELDOUT_SET) else "(= seen)"
             lines.append(
                 f"| {spec.label} | {METHOD_LABELS[method]} | {trained} | {cells[1]} | {cells[2]} | {gains[0]} | "
@@ -163,7 +163,7 @@ def overoptimisation_table(index: dict[str, Any]) -> str:
             for key in ("reward", "strict", "alignment"):
                 before = [r["trace"][0]["scores"][SEEN_SET][key] for r in records]
                 after = [r["trace"][-1]["scores"][SEEN_SET][key] for r in records]
-                cells.append(f"{_mean_std(before)} → {_mean_std(after)}")
+                cells.append(f"{mean_std(before)} → {mean_std(after)}")
             lines.append(f"| {TASKS[task].label} | {METHOD_LABELS[method]} | {' | '.join(cells)} |")
     lines.append("")
     lines.append(
