@@ -34,6 +34,12 @@ def image_grid(
     >>> grid = image_grid(np.zeros((3, 8, 8, 3), np.uint8), ["a", "b", "c"], columns=2, scale=4)
     >>> grid.size
     (70, 118)
+
+    Characters the built-in font lacks are drawn as their ASCII look-alikes, not as boxes:
+
+    >>> def caption(text): return image_grid(np.zeros((1, 8, 8, 3), np.uint8), [text], scale=8).tobytes()
+    >>> caption("1 − judge") == caption("1 - judge") != caption("1 + judge")
+    True
     """
     images = [np.asarray(im) for im in images]
     if not images:
@@ -53,7 +59,7 @@ def image_grid(
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
     if title:
-        draw.text((4, 2), title, fill="black", font=font)
+        draw.text((4, 2), title.translate(_PLAIN), fill="black", font=font)
     for i, image in enumerate(images):
         row, col = divmod(i, columns)
         x, y = pad + col * (width + pad), top + pad + row * (height + label + pad)
@@ -64,10 +70,15 @@ def image_grid(
     return grid
 
 
+_PLAIN = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2014": "-", "\u00d7": "x", "\u2192": "->"})
+
+
 def _draw_caption(
     draw: ImageDraw.ImageDraw, text: str, x: int, y: int, width: int, font: ImageFont.ImageFont, max_lines: int
 ) -> None:
     """Write ``text`` in up to ``max_lines`` lines that fit ``width`` pixels."""
+    # PIL's built-in font has no glyphs for these: they would print as boxes.
+    text = text.translate(_PLAIN)
     words, lines, line = text.split(), [], ""
     for word in words:
         candidate = f"{line} {word}".strip()

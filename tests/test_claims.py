@@ -78,6 +78,23 @@ def test_verdicts_follow_the_intervals() -> None:
     assert "| DDPO beats RWR |" in table and "**held**" in table
 
 
+def test_compare_puts_each_cell_against_the_other_grids_same_task(tmp_path: Path) -> None:
+    up, flat = [0.20, 0.25, 0.30, 0.22, 0.28], [0.02, -0.03, 0.01, -0.02, 0.0]
+    a = _index({("counting", "ddpo_sf"): flat})
+    b = _index({("counting", "ddpo_is"): up, ("counting", "ddpo_sf"): flat, ("captioner", "ddpo_is"): up})
+    for index, wall in ((a, 60.0), (b, 120.0)):
+        for record in index["runs"].values():
+            record["wall_s"] = wall
+    rows = claims.compare_table(a, b, "A", "B").splitlines()[2:]
+    assert len(rows) == 2 * len(claims.SETS)  # SF against IS and SF of the judge reward; no captioner row
+    against_is = [r for r in rows if "| DDPO-IS |" in r]
+    assert all("B gains more" in r and "| 0.50 |" in r for r in against_is)
+    assert f"{100 * (np.mean(flat) - np.mean(up)):+.1f}" in against_is[0]
+    assert all("no difference shown" in r for r in rows if "| DDPO-SF |" in r)
+    with pytest.raises(SystemExit, match=r"results\.json does not exist"):
+        claims.read_index(tmp_path)
+
+
 def smoke(out: Path, *extra: str) -> list[str]:
     return [
         "--out", str(out), "--jobs", "1", "--threads", "1", "--label", "smoke",
