@@ -95,6 +95,34 @@ def test_compare_puts_each_cell_against_the_other_grids_same_task(tmp_path: Path
         claims.read_index(tmp_path)
 
 
+def test_runs_are_taken_only_where_they_ran_with_their_cells_settings(tmp_path: Path) -> None:
+    from dataclasses import asdict, replace
+
+    def publish(folder: Path, budget: claims.ClaimsBudget, runs: dict) -> Path:
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"budget": asdict(budget), "runs": runs}))
+        return folder
+
+    index = _index({("counting", "ddpo_is"): [0.1], ("counting", "ddpo_sf"): [0.1]})["runs"]
+    # Records without settings ran with the cells of their time: DDPO-SF at the preset's lr (1e-4).
+    old = publish(tmp_path / "old", claims.CLAIMS, index)
+    at_1e5 = replace(claims.CLAIMS, mode="sf-lr1e-5", overrides=(("learning_rate", "1e-5"),))
+    relabelled = publish(tmp_path / "sf", at_1e5, {"counting-ddpo_sf-s0": index["counting-ddpo_sf-s0"]})
+    out = tmp_path / "out"
+    assert claims.import_published(old, out, claims.CLAIMS) == 1  # DDPO-IS only
+    assert not (out / "runs" / "counting-ddpo_sf-s0").exists()
+    assert claims.import_published(relabelled, out, claims.CLAIMS) == 1  # the same settings under another label
+    taken = json.loads((out / "runs" / "counting-ddpo_sf-s0" / "record.json").read_text())
+    assert taken["settings"] == claims.run_settings("ddpo_sf", ())
+    # A finished run whose settings differ from its cell's is refused, naming the folder to delete.
+    (out / "runs" / "counting-ddpo_sf-s0" / "record.json").write_text(json.dumps({**taken, "settings": {"x": "1"}}))
+    with pytest.raises(SystemExit, match=r"counting-ddpo_sf-s0 ran with other settings.*x 1 → \(unset\).*delete"):
+        claims.collect(out, replace(claims.CLAIMS, seeds=(0,)))
+    with pytest.raises(SystemExit, match="per-run budget"):
+        claims.import_published(publish(tmp_path / "short", replace(claims.CLAIMS, num_epochs=2), index), out,
+                                claims.CLAIMS)  # fmt: skip
+
+
 def smoke(out: Path, *extra: str) -> list[str]:
     return [
         "--out", str(out), "--jobs", "1", "--threads", "1", "--label", "smoke",
@@ -128,7 +156,8 @@ def test_smoke_grid_records_report_resume_refuse_publish(tmp_path: Path, monkeyp
     ]  # fmt: skip
     assert len((first / "metrics.jsonl").read_text().splitlines()) == 1  # its epoch trained once
     for record in index["runs"].values():
-        assert record["queries"] == 32 and len(record["curve"]) == 1
+        assert record["queries"] == 32 and len(record["curve"]) == 1 and record["cpu"] == claims.cpu_model()
+        assert record["settings"] == claims.run_settings("ddpo_is", [])
         assert set(record["before"]) == set(claims.SETS) == set(record["after"])
         assert record["before"][claims.RL_TRAIN]["n"] == 12  # 1 image of each of the 12 RL prompts
     # The cells of a seed share its base measurement (the same model on the same noise); seeds differ in noise.
