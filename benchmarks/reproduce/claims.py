@@ -69,7 +69,7 @@ TASK_REWARDS: dict[str, str] = {
 TASK_LABELS: dict[str, str] = {"counting": "judge reward", "captioner": "captioner reward", "miss": "1 − judge"}
 # What differs between the methods; everything else is the tiny-shapes-counting preset. DDPO-SF runs at a tenth
 # of the preset's lr: at 1e-4 its 10 single REINFORCE steps lower the accuracy they optimise in 5 of 5 seeds
-# (−30.7 points, docs/results/claims-sf-lr1e-4), at 1e-5 they raise it in 5 of 5 (+2.9). Each method is compared
+# (−30.7 points, docs/results/sf-lr1e-4), at 1e-5 they raise it in 5 of 5 (+3.0). Each method is compared
 # at the largest rate tried at which it does not lower its own reward (RWR lowers it at every rate tried).
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "ddpo_is": {},
