@@ -91,16 +91,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_every": 10,
         "num_threads": 2,
     },
-    # The main job (`make train`), about 7 minutes on 2 CPU cores: DDPO-IS on a tiny-shapes task with headroom: "four
+    # The main job (`make train`), about 10 minutes on 2 CPU cores: DDPO-IS on a tiny-shapes task with headroom: "four
     # <colour> <shape>" judged by the procedural shapes_geneval detector (exactly four objects, all of the prompt's
     # colour and shape). The base model is right on about half the training prompts' samples and fewer of the unseen
     # pairs'. The paper's update split, twice over: 4 minibatches of 32 per pass and 2 passes per epoch, one AdamW
     # step each, so 7 of the 8 steps train on samples of an older policy and the importance ratio and the clip act
     # (approx_kl and clipfrac > 0). Measured (docs/agents.md, "Tuning the counting task"): lr 3e-4 or 2e-4 wrecks the
     # model in one or two epochs, clip 1e-2 learns less than 1e-3, one pass per epoch gains half as much in the same
-    # number of epochs, four passes go unstable. Each update trains on half of a trajectory's timesteps, drawn at
-    # random per sample (the authors' timestep_fraction): over 5 seeds of 10 epochs it gains what all ten do
-    # (+15.5 against +14.5 points, difference [−5.2, +7.3]) in 0.58× the wall time (docs/results/is-tf0.5).
+    # number of epochs, four passes go unstable. Every timestep is trained: half of them (timestep_fraction 0.5)
+    # took 0.65× the wall time and gained as much on the unseen pairs, but less on the training pairs in the
+    # 24-epoch job (+22.0 against +30.2 points on 480 images, same noise; README, "Speed"), though over 5 seeds
+    # of 10 epochs no difference showed (docs/results/is-tf0.5).
     "tiny-shapes-counting": {
         "name": "tiny-shapes-counting",
         "model": "tiny-shapes",
@@ -117,7 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_batch_size": 32,
         "gradient_accumulation_steps": 1,
         "num_inner_epochs": 2,
-        "timestep_fraction": 0.5,
+        "timestep_fraction": 1.0,
         "advantage_mode": "per_prompt",
         "stat_buffer_size": 32,
         "stat_min_count": 8,

@@ -77,10 +77,6 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "rwr": {},
     "sparse_rwr": {},
 }
-# The grid trains every timestep of a trajectory, as the preset did when the grid was run; the main job has
-# since moved to half of them (same gain over 5 seeds: docs/results/is-tf0.5). Pinned so the published runs
-# stay this grid's.
-GRID_PRESET_CHANGES: dict[str, Any] = {"timestep_fraction": 1.0}
 # Records written before records held their settings ran with these (DDPO-SF at the preset's lr, 1e-4).
 SETTINGS_OF_RECORDS_WITHOUT_THEM: dict[str, dict[str, Any]] = {"ddpo_sf": {"num_inner_epochs": 1}}
 CELLS: tuple[tuple[str, str], ...] = (
@@ -150,8 +146,8 @@ def _as_text(settings: dict[str, Any]) -> dict[str, str]:
 def run_settings(
     method: str, overrides: Sequence[Sequence[str]], cell_settings: dict[str, Any] | None = None
 ) -> dict[str, str]:
-    """The training settings of a run of ``method``: the preset, :data:`GRID_PRESET_CHANGES`, the cell's
-    :data:`METHOD_SETTINGS` (or ``cell_settings``), then the budget's overrides, less :data:`NOT_SETTINGS`.
+    """The training settings of a run of ``method``: the preset, the cell's :data:`METHOD_SETTINGS` (or
+    ``cell_settings``), then the budget's overrides, less :data:`NOT_SETTINGS`.
 
     >>> run_settings("ddpo_sf", [("learning_rate", "1e-5")]) == run_settings("ddpo_sf", [])   # the cell's lr
     True
@@ -163,7 +159,7 @@ def run_settings(
     from diffusion_mdp.agents import PRESETS
 
     cell = METHOD_SETTINGS[method] if cell_settings is None else cell_settings
-    merged = {**PRESETS["tiny-shapes-counting"], **GRID_PRESET_CHANGES, **cell, **dict(overrides)}
+    merged = {**PRESETS["tiny-shapes-counting"], **cell, **dict(overrides)}
     return _as_text({key: value for key, value in merged.items() if key not in NOT_SETTINGS})
 
 
@@ -214,7 +210,6 @@ def run_config(budget: ClaimsBudget, task: str, method: str, seed: int, out: Pat
 
     values: dict[str, Any] = {
         **PRESETS["tiny-shapes-counting"],
-        **GRID_PRESET_CHANGES,
         **METHOD_SETTINGS[method],
         "name": run_name(task, method, seed),
         "output_dir": str(out / "runs"),
@@ -664,12 +659,12 @@ def sample_grid(index: dict[str, Any], out: Path, path: Path) -> Path | None:
 
 
 def cell_settings(cells: Sequence[Sequence[str]]) -> str:
-    """What the grid changes in the preset, for the report: ``" (timestep_fraction=1.0; DDPO-SF: ...)"``."""
-    parts = [", ".join(f"{key}={value}" for key, value in GRID_PRESET_CHANGES.items())]
+    """What the cells change in the preset, for the report: ``" (DDPO-SF: num_inner_epochs=1, ...)"`` or ``""``."""
+    parts = []
     for method in dict.fromkeys(method for _, method in cells):
         settings = ", ".join(f"{key}={value:g}" for key, value in METHOD_SETTINGS[method].items())
         parts += [f"{METHOD_LABELS[method]}: {settings}"] if settings else []
-    return f" ({'; '.join(p for p in parts if p)})"
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def write_report(index: dict[str, Any], out: Path, command: str) -> list[Path]:

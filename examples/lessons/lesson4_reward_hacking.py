@@ -45,6 +45,7 @@ config = build_config(
     samples_per_epoch=pick(128, 4),
     sample_batch_size=pick(32, 4),
     train_batch_size=pick(32, 4),
+    timestep_fraction=0.5,  # each update trains half of a trajectory's steps: the same story in 2/3 of the time
     eval_num_samples=pick(12, 2),  # one image per prompt, the same noise before and after
     progress_bar=False,
     log_formats="csv",
@@ -87,17 +88,17 @@ print(f"fixed noise, judge:     {judge_before.mean():.3f} → {judge_after.mean(
 n = len(before["images"])
 fig = plt.figure(figsize=(max(8, 1.2 * n), 6.5))
 grid = fig.add_gridspec(3, n, height_ratios=[1, 1, 1.6])
-short = [p.replace("four ", "4 ") for p in before["prompts"]]
+short = [p.replace("four ", "") for p in before["prompts"]]
 show_images([fig.add_subplot(grid[0, i]) for i in range(n)], before["images"],
-            [f"before: {p}\njudge: {k} objects" for p, k in zip(short, objects_before, strict=True)])  # fmt: skip
-show_images([fig.add_subplot(grid[1, i]) for i in range(n)], after["images"],
-            [f"after: {k} objects" for k in objects_after])  # fmt: skip
+            [f"{p}\n{k} objects" for p, k in zip(short, objects_before, strict=True)])  # fmt: skip
+show_images([fig.add_subplot(grid[1, i]) for i in range(n)], after["images"], [f"{k} objects" for k in objects_after])
 ax = fig.add_subplot(grid[2, :])
 ax.plot(history["epoch"], history[HACKED], "o-", color="tab:red", label="captioner's strict alignment (optimised)")
 ax.plot(history["epoch"], history[WATCHED], "s-", color="tab:blue", label="judge's accuracy (watched, never optimised)")
 ax.set(xlabel="epoch", ylabel="fraction of the epoch's 128 samples right", ylim=(0, 1.02))
 ax.legend(loc="center right", fontsize=8)
-fig.suptitle("Lesson 4: optimising a captioner that cannot count past four: it says better, the judge says worse")
+fig.suptitle("Lesson 4: optimising a captioner that cannot count past four (objects counted by the judge)\n"
+             f"top: before; middle: after {EPOCHS} epochs, the same noise; bottom: each epoch's samples, both rewards")
 save_figure(fig, "lesson4_reward_hacking.png")
 save_results(
     "lesson4.json",
