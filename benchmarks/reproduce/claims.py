@@ -358,9 +358,7 @@ def run_grid(budget: ClaimsBudget, out: Path, model: str, threads: int, shard: t
         name = run_name(task, method, seed)
         if position % shard[1] != shard[0]:
             continue
-        finished = read_json(out / "runs" / name / "record.json", None)
-        if finished is not None:
-            check_record(out, name, finished, budget)
+        if (out / "runs" / name / "record.json").is_file():
             print(f"[claims] {name}: finished, skipped", flush=True)
             continue
         print(f"[claims] {name}: starting", flush=True)
@@ -821,6 +819,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"[claims] imported {count} runs from {args.import_from}", flush=True)
     if not args.report_only:
         check_folder(out, budget)
+        collect(out, budget)  # refuses a finished run of other settings than its cell's, before any work
         if args.jobs > 1:
             children = [
                 subprocess.Popen([sys.executable, str(LAUNCHER), *_strip(argv), "--out", str(out), "--jobs", "1",
