@@ -23,8 +23,9 @@ the global torch/NumPy/Python RNG states and the env's generators are checkpoint
 from __future__ import annotations
 
 import contextlib
+import copy
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import gymnasium as gym
@@ -172,6 +173,12 @@ class DiffusionAgent(EpochLoopMixin, RolloutMixin, EvaluationMixin, CheckpointMi
             add_lora(self.unet, cfg.lora_rank, cfg.lora_alpha)
         else:
             self.unet.requires_grad_(True)
+        # π_ref of the KL penalty: with LoRA, the UNet with its adapter disabled (free); in full fine-tuning, a
+        # frozen copy of the pre-trained UNet, made here, before any update or resumed checkpoint changes it
+        # (one more UNet in memory, and one more forward per trained step).
+        self.reference_unet: torch.nn.Module | None = None
+        if cfg.kl_coef > 0 and not cfg.use_lora:
+            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()  # type: ignore[operator]
         self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
@@ -303,18 +310,32 @@ class DiffusionAgent(EpochLoopMixin, RolloutMixin, EvaluationMixin, CheckpointMi
         return out.log_prob, out
 
     def kl_to_reference(self, batch: StepBatch, out: Any) -> Tensor:
-        """KL(π_θ ‖ π_ref) per sample ``(b,)`` at this step, π_ref = the UNet without its LoRA adapter.
+        """KL(π_θ ‖ π_ref) per sample ``(b,)`` at this step; π_ref is the pre-trained UNet: with LoRA, the UNet
+        with its adapter disabled, in full fine-tuning the frozen copy ``reference_unet``.
 
         Both are Gaussians with the same σ_t, so KL = ‖μ_θ - μ_ref‖² / (2σ_t²), averaged over latent
         dimensions like the log-probs (the mean convention).
         """
-        self.unet.disable_adapters()  # type: ignore[operator]
-        try:
-            with torch.no_grad(), self.autocast():
-                ref = self.policy(batch.obs(), batch.next_latents)
-        finally:
-            self.unet.enable_adapters()  # type: ignore[operator]
+        with torch.no_grad(), self.autocast(), self.reference_policy():
+            ref = self.policy(batch.obs(), batch.next_latents)
         return ((out.mean - ref.mean) ** 2 / (2 * out.std**2)).mean(dim=(1, 2, 3))
+
+    @contextlib.contextmanager
+    def reference_policy(self) -> Iterator[None]:
+        """Inside, ``self.policy`` computes π_ref (the pre-trained UNet) instead of π_θ."""
+        if self.reference_unet is None:
+            self.unet.disable_adapters()  # type: ignore[operator]
+            try:
+                yield
+            finally:
+                self.unet.enable_adapters()  # type: ignore[operator]
+            return
+        trained = self.policy.unet
+        self.policy.unet = self.reference_unet
+        try:
+            yield
+        finally:
+            self.policy.unet = trained
 
     def backward(self, loss: Tensor) -> None:
         self.dist.backward(self.scaler.scale(loss))

@@ -155,7 +155,8 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     """AdamW ε."""
     kl_coef: float = 0.0
-    """Coefficient of a KL penalty to the frozen reference (the LoRA adapter disabled); 0 disables."""
+    """Coefficient β of a KL penalty to the pre-trained policy (with LoRA: the adapter disabled; in full
+    fine-tuning: a frozen copy of the UNet, one more UNet in memory); 0 disables."""
     rwr_beta: float = 1.0
     """RWR temperature β: weights ∝ exp(r / β) (softmax over the epoch's samples)."""
     sparse_rwr_percentile: float = 0.9
@@ -336,16 +337,17 @@ class TrainConfig:
                 f"{self.sample_batch_size} (got group_size={self.group_size})",
             )
         need(self.adv_std_floor >= 0, f"adv_std_floor={self.adv_std_floor} must be >= 0 (0 disables the floor)")
+        need(
+            self.kl_coef == 0 or self.algorithm not in ("rwr", "sparse_rwr"),
+            f"kl_coef={self.kl_coef} with algorithm={self.algorithm}: RWR regresses x_0 and has no per-step policy "
+            "Gaussian for a KL penalty; set kl_coef=0, or use ddpo_is / ddpo_sf",
+        )
         if self.algorithm == "ddpo_sf":
             need(
                 self.num_inner_epochs == 1,
                 "ddpo_sf is on-policy (one gradient step per batch of fresh samples): set num_inner_epochs=1 "
                 "or use algorithm=ddpo_is",
             )
-        need(
-            self.kl_coef == 0 or self.use_lora,
-            "kl_coef > 0 needs use_lora=true: the reference policy is the UNet with its LoRA adapter disabled",
-        )
         if self.use_8bit_adam:
             import importlib.util
 

@@ -199,7 +199,8 @@ def test_group_statistics() -> None:
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("algorithm", ["ddpo_is", "ddpo_sf", "rwr", "sparse_rwr"])
 def test_two_epoch_smoke_run(algorithm: str, micro: Path, prompt_file: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(micro, prompt_file, tmp_path, algorithm=algorithm, num_inner_epochs=1, kl_coef=0.1)
+    kl_coef = 0.0 if "rwr" in algorithm else 0.1  # RWR has no per-step Gaussian to anchor (refused)
+    cfg = tiny_config(micro, prompt_file, tmp_path, algorithm=algorithm, num_inner_epochs=1, kl_coef=kl_coef)
     agent = make_agent(cfg)
     before = {n: p.detach().clone() for n, p in agent.unet.named_parameters() if p.requires_grad}
     assert before and all("lora" in n for n in before)  # LoRA by default: only adapter weights train
@@ -217,6 +218,34 @@ def test_two_epoch_smoke_run(algorithm: str, micro: Path, prompt_file: Path, tmp
     for name in ("reward_curve.png", "summary.json", "metrics.jsonl", "images/before.png", "images/after.png"):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "last.pt").is_file() and not (run / "checkpoints" / "last.pt.tmp").exists()
+
+
+def test_kl_anchor_in_full_fine_tuning_is_the_frozen_pre_trained_unet(
+    micro: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    """Without LoRA, π_ref is a frozen copy of the UNet: KL 0 before any update, > 0 after, the copy unchanged."""
+    cfg = tiny_config(micro, prompt_file, tmp_path, algorithm="ddpo_is", num_epochs=1, use_lora=False, kl_coef=0.1,
+                      eval_num_samples=0, image_every=0)  # fmt: skip
+    agent = make_agent(cfg)
+    assert agent.reference_unet is not None and agent.reference_unet is not agent.unet
+    reference = {n: p.detach().clone() for n, p in agent.reference_unet.named_parameters()}
+    assert not any(p.requires_grad for p in agent.reference_unet.parameters())
+
+    def kl_now() -> float:  # on a fresh batch of the current policy's samples, at their first step
+        agent.collect_rollouts(0)
+        agent.prepare_update(0)
+        batch = next(agent.buffer.get(2)).step(0)
+        with torch.no_grad():
+            _, out = agent.step_log_prob(batch)
+            return float(agent.kl_to_reference(batch, out).max())
+
+    assert kl_now() == 0.0  # θ = θ_ref: the two Gaussians are the same
+    agent.learn()
+    assert kl_now() > 0.0
+    assert agent.policy.unet is agent.unet  # the policy is back on the trained UNet after each KL term
+    for name, param in agent.reference_unet.named_parameters():
+        torch.testing.assert_close(param, reference[name], rtol=0, atol=0)
+    assert any(not torch.equal(p, reference[n]) for n, p in agent.unet.named_parameters())
 
 
 @pytest.mark.parametrize("guided", [True, False])

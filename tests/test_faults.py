@@ -118,6 +118,7 @@ BAD_FIELDS = [
     ({"lr_end": -1.0}, "lr_end=-1.0 must be >= 0"),
     ({"max_grad_norm": math.nan}, "max_grad_norm=nan must be a finite number"),
     ({"kl_coef": -0.1}, "kl_coef=-0.1 must be >= 0"),
+    ({"algorithm": "sparse_rwr", "kl_coef": 0.1}, "RWR regresses x_0 and has no per-step policy Gaussian"),
     ({"rwr_beta": 0.0}, "rwr_beta=0.0 must be > 0"),
     ({"lora_alpha": 0.0}, "lora_alpha=0.0 must be > 0"),
     ({"timestep_fraction": 0.0}, "timestep_fraction=0.0 must be in (0, 1]"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
@@ -171,6 +172,56 @@ def test_smoke_grid_index_table_plots_skip_and_resume(
     assert reproduce.import_published(docs / "custom", fresh, budget) == []
     with pytest.raises(SystemExit, match="not comparable"):
         reproduce.import_published(docs / "custom" / "results.json", tmp_path / "other", reproduce.FULL)
+
+
+def test_grid_examples_run() -> None:
+    import doctest
+
+    result = doctest.testmod(reproduce.grid)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_cell_settings_are_what_the_run_trains_with() -> None:
+    """A record's ``settings`` (:func:`run_settings`) are the run's ``TrainConfig`` values, cell by cell."""
+    for task in reproduce.TASKS:
+        for method in reproduce.METHODS:
+            config = reproduce.run_config(reproduce.FULL, task, method, 0, Path("unused"), "tiny-shapes", 1)
+            settings = reproduce.run_settings(task, method, reproduce.FULL.overrides)
+            assert settings == reproduce.settings_text({key: getattr(config, key) for key in settings})
+    anchored = reproduce.run_config(reproduce.FULL, "alignment", "ddpo_is", 0, Path("unused"), "tiny-shapes", 1)
+    assert anchored.kl_coef == reproduce.KL_COEF > 0 and not anchored.use_lora  # the frozen-copy reference
+    rwr = reproduce.run_config(reproduce.FULL, "alignment", "rwr", 0, Path("unused"), "tiny-shapes", 1)
+    assert rwr.kl_coef == 0
+
+
+def test_runs_of_other_settings_are_refused_or_left_out(tmp_path: Path) -> None:
+    """A finished run whose cell now runs with other settings must not pass as this grid's: the folder is refused
+    before any work, naming the difference; an import leaves it out (it runs again)."""
+    def record(task: str, method: str, **extra: object) -> dict:
+        return {"task": task, "method": method, "seed": 0, "status": "done", **extra}
+
+    # Published before records held settings: the alignment DDPO-IS run ran without the KL anchor.
+    published = tmp_path / "published"
+    runs = {"alignment-ddpo_is-s0": record("alignment", "ddpo_is"),
+            "compressibility-ddpo_is-s0": record("compressibility", "ddpo_is")}  # fmt: skip
+    (published).mkdir()
+    (published / "results.json").write_text(json.dumps({"budget": asdict(reproduce.FULL), "runs": runs}))
+    out = tmp_path / "out"
+    assert reproduce.import_published(published, out, reproduce.FULL) == ["compressibility-ddpo_is-s0"]
+    index = reproduce.collect_records(out, reproduce.load_index(out, reproduce.FULL))
+    assert set(index["runs"]) == {"compressibility-ddpo_is-s0"}
+    assert index["runs"]["compressibility-ddpo_is-s0"]["settings"] == reproduce.run_settings(
+        "compressibility", "ddpo_is", reproduce.FULL.overrides
+    )
+
+    stale = out / "runs" / "alignment-ddpo_is-s0"
+    stale.mkdir(parents=True)
+    (stale / "record.json").write_text(json.dumps(record("alignment", "ddpo_is")))
+    with pytest.raises(SystemExit, match=r"kl_coef \(unset\) → 1\.0.*delete that folder"):
+        reproduce.collect_records(out, reproduce.load_index(out, reproduce.FULL))
+    settings = reproduce.run_settings("alignment", "ddpo_is", reproduce.FULL.overrides)
+    (stale / "record.json").write_text(json.dumps(record("alignment", "ddpo_is", settings=settings)))
+    assert "alignment-ddpo_is-s0" in reproduce.collect_records(out, reproduce.load_index(out, reproduce.FULL))["runs"]
 
 
 def test_publish_copies_report_and_figures(tmp_path: Path) -> None:

@@ -37,7 +37,9 @@ measured; the grid's missing runs), ``report.py`` (tables, figures, ``results.md
 
 from .cli import DESCRIPTION, budget_from_args, main, parse_args, run_jobs, select
 from .grid import (
+    CELL_SETTINGS,
     FULL,
+    KL_COEF,
     HELDOUT_SET,
     INDEX_FORMAT,
     METHOD_COLOURS,
@@ -45,6 +47,7 @@ from .grid import (
     METHODS,
     PER_RUN_KEYS,
     QUICK,
+    NOT_SETTINGS,
     SEEN_SET,
     TASKS,
     Budget,
@@ -54,7 +57,11 @@ from .grid import (
     load_index,
     per_run_budget,
     read_json,
+    record_settings,
     run_name,
+    run_settings,
+    settings_difference,
+    settings_text,
     write_json_atomic,
 )
 from .measurement import execute_run, measure, run_config, run_grid
@@ -74,13 +81,16 @@ from .report import (
 )
 
 __all__ = [
+    "CELL_SETTINGS",
     "DESCRIPTION",
     "FULL",
     "HELDOUT_SET",
     "INDEX_FORMAT",
+    "KL_COEF",
     "METHODS",
     "METHOD_COLOURS",
     "METHOD_LABELS",
+    "NOT_SETTINGS",
     "PER_RUN_KEYS",
     "QUICK",
     "SEEN_SET",
@@ -105,13 +115,17 @@ __all__ = [
     "publish",
     "queries_to_reach",
     "read_json",
+    "record_settings",
     "results_table",
     "run_config",
     "run_grid",
     "run_jobs",
     "run_name",
+    "run_settings",
     "save_method_grids",
     "select",
+    "settings_difference",
+    "settings_text",
     "thresholds",
     "write_json_atomic",
     "write_report",

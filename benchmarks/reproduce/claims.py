@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from .grid import METHOD_LABELS, read_json, run_name, write_json_atomic
+from .grid import NOT_SETTINGS, METHOD_LABELS, read_json, run_name, settings_difference, settings_text, write_json_atomic
 from .report import mean_std
 
 BENCHMARKS = Path(__file__).resolve().parents[1]
@@ -121,28 +121,6 @@ class ClaimsBudget:
         return per_run_budget(asdict(self))
 
 
-# Preset fields that are not a run's training settings: the cell, the budget (checked on its own) and the
-# bookkeeping set them per run.
-NOT_SETTINGS = frozenset({"name", "model", "algorithm", "reward", "prompts", "eval_prompts", "num_epochs",
-                          "samples_per_epoch", "num_steps", "save_every", "eval_every", "eval_num_samples",
-                          "image_every", "num_threads"})  # fmt: skip
-
-
-def _as_text(settings: dict[str, Any]) -> dict[str, str]:
-    """``TrainConfig`` values as comparable text: ``1e-5``, ``"1e-5"`` and ``1e-05`` are one value, so are
-    ``False`` and ``"false"``."""
-
-    def text(value: Any) -> str:
-        if isinstance(value, bool) or str(value).lower() in ("true", "false"):
-            return str(value).lower()
-        try:
-            return repr(float(value))
-        except (TypeError, ValueError):
-            return str(value)
-
-    return {key: text(value) for key, value in sorted(settings.items())}
-
-
 def run_settings(
     method: str, overrides: Sequence[Sequence[str]], cell_settings: dict[str, Any] | None = None
 ) -> dict[str, str]:
@@ -160,7 +138,7 @@ def run_settings(
 
     cell = METHOD_SETTINGS[method] if cell_settings is None else cell_settings
     merged = {**PRESETS["tiny-shapes-counting"], **cell, **dict(overrides)}
-    return _as_text({key: value for key, value in merged.items() if key not in NOT_SETTINGS})
+    return settings_text({key: value for key, value in merged.items() if key not in NOT_SETTINGS})
 
 
 def record_settings(record: dict[str, Any], overrides: Sequence[Sequence[str]]) -> dict[str, str]:
@@ -168,12 +146,6 @@ def record_settings(record: dict[str, Any], overrides: Sequence[Sequence[str]]) 
     if "settings" in record:
         return record["settings"]
     return run_settings(record["method"], overrides, SETTINGS_OF_RECORDS_WITHOUT_THEM.get(record["method"], {}))
-
-
-def settings_difference(ran: dict[str, str], wanted: dict[str, str]) -> str:
-    """``key ran → wanted`` for every setting that differs, e.g. ``learning_rate 0.0001 → 1e-05``."""
-    return ", ".join(f"{k} {ran.get(k, '(unset)')} → {wanted.get(k, '(unset)')}" for k in sorted({*ran, *wanted})
-                     if ran.get(k) != wanted.get(k))  # fmt: skip
 
 
 def check_record(out: Path, name: str, record: dict[str, Any], budget: ClaimsBudget) -> None:

@@ -158,6 +158,8 @@ def run_jobs(argv: list[str], jobs: int, out: Path) -> None:
     """Run the grid in ``jobs`` processes (``--shard k/jobs``, 1 thread each) sharing ``out``; wait for all."""
     import subprocess
 
+    # The parent imported already: the shards only run.
+    argv = [a for i, a in enumerate(argv) if a != "--import" and (i == 0 or argv[i - 1] != "--import")]
     children = [
         subprocess.Popen(
             [

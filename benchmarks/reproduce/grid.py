@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 METHODS: tuple[str, ...] = ("ddpo_is", "ddpo_sf", "rwr", "sparse_rwr")
@@ -109,6 +110,80 @@ FULL = Budget(
 QUICK = replace(FULL, mode="quick", tasks=("compressibility",), seeds=(0,))
 
 
+# Settings of single cells, on top of the preset and under the budget's overrides (so ``--set`` still wins).
+# Prompt alignment starts saturated (the base model scores ~0.93), so per-prompt normalisation turns the
+# captioner's noise into full-size advantages; at lr 1e-4 DDPO-IS and DDPO-SF then random-walk away from the
+# reward they optimise (-0.155 and -0.087 in the grid first published). A KL penalty to the pre-trained
+# policy (β = kl_coef; in full fine-tuning its reference is a frozen copy of the UNet) holds them near it: in
+# a sweep on seed 0, soft alignment 0.917 → 0.792 without it, → 0.917 with β = 1 and with β = 10
+# (docs/results.md, "Why DDPO-SF, RWR and alignment training lower their own reward"). RWR's loss has no
+# policy Gaussian to anchor, so its cells keep the grid's settings.
+KL_COEF = 1.0
+CELL_SETTINGS: dict[tuple[str, str], dict[str, Any]] = {
+    ("alignment", "ddpo_is"): {"kl_coef": KL_COEF},
+    ("alignment", "ddpo_sf"): {"kl_coef": KL_COEF},
+}
+# Preset fields that are not a run's training settings: the cell, the budget (checked on its own) and the
+# bookkeeping set them per run.
+NOT_SETTINGS = frozenset({"name", "model", "algorithm", "reward", "prompts", "eval_prompts", "num_epochs",
+                          "samples_per_epoch", "num_steps", "save_every", "eval_every", "eval_num_samples",
+                          "image_every", "num_threads"})  # fmt: skip
+
+
+def settings_text(settings: dict[str, Any]) -> dict[str, str]:
+    """``TrainConfig`` values as comparable text: ``1e-5``, ``"1e-5"`` and ``1e-05`` are one value, so are
+    ``False`` and ``"false"``.
+
+    >>> settings_text({"learning_rate": "1e-5", "use_lora": False}) == settings_text({"learning_rate": 1e-05,
+    ...                                                                              "use_lora": "false"})
+    True
+    """
+
+    def text(value: Any) -> str:
+        if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+            return str(value).lower()
+        try:
+            return repr(float(value))
+        except (TypeError, ValueError):
+            return str(value)
+
+    return {key: text(value) for key, value in sorted(settings.items())}
+
+
+def settings_difference(ran: dict[str, str], wanted: dict[str, str]) -> str:
+    """``key ran → wanted`` for every setting that differs, e.g. ``learning_rate 0.0001 → 1e-05``."""
+    return ", ".join(f"{k} {ran.get(k, '(unset)')} → {wanted.get(k, '(unset)')}" for k in sorted({*ran, *wanted})
+                     if ran.get(k) != wanted.get(k))  # fmt: skip
+
+
+def run_settings(
+    task: str, method: str, overrides: Sequence[Sequence[str]], cell_settings: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The training settings of a run of the grid: the ``tiny-shapes`` preset, the cell's :data:`CELL_SETTINGS`
+    (or ``cell_settings``), then the budget's overrides, less :data:`NOT_SETTINGS`.
+
+    >>> run_settings("alignment", "ddpo_is", [])["kl_coef"] == repr(KL_COEF)
+    True
+    >>> run_settings("alignment", "ddpo_is", [("kl_coef", "0")])["kl_coef"]   # --set wins
+    '0.0'
+    >>> "kl_coef" in run_settings("compressibility", "ddpo_is", [])   # the preset's (the default, 0)
+    False
+    """
+    from diffusion_mdp.agents import PRESETS
+
+    cell = CELL_SETTINGS.get((task, method), {}) if cell_settings is None else cell_settings
+    merged = {**PRESETS["tiny-shapes"], **cell, **dict(overrides)}
+    return settings_text({key: value for key, value in merged.items() if key not in NOT_SETTINGS})
+
+
+def record_settings(record: dict[str, Any], overrides: Sequence[Sequence[str]]) -> dict[str, str]:
+    """The settings a finished run ran with: its record's, or for a record older than that field (written before
+    any cell had settings of its own) the preset's with the budget's overrides."""
+    if "settings" in record:
+        return dict(record["settings"])
+    return run_settings(record["task"], record["method"], overrides, {})
+
+
 # ------------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------------
@@ -165,9 +240,23 @@ def load_index(out: Path, budget: Budget) -> dict[str, Any]:
 
 
 def collect_records(out: Path, index: dict[str, Any]) -> dict[str, Any]:
-    """Add every finished run's ``<run>/record.json`` to the index (other shards' runs included)."""
+    """Add every finished run's ``<run>/record.json`` to the index (other shards' runs included).
+
+    Raises:
+        SystemExit: A finished run ran with other settings than its cell runs with now (its results would pass
+            as this grid's); the message names the difference and the fix.
+    """
+    overrides = index["budget"].get("overrides", [])
     for path in sorted((out / "runs").glob("*/record.json")):
-        index["runs"][path.parent.name] = json.loads(path.read_text())
+        record = json.loads(path.read_text())
+        ran = record_settings(record, overrides)
+        wanted = run_settings(record["task"], record["method"], overrides)
+        if ran != wanted:
+            raise SystemExit(
+                f"{path.parent} ran with other settings than its cell's ({settings_difference(ran, wanted)}): "
+                "delete that folder to run it again, or use another --out"
+            )
+        index["runs"][path.parent.name] = record
     return index
 
 
@@ -205,10 +294,16 @@ def import_published(source: Path, out: Path, budget: Budget) -> list[str]:
         run_dir = out / "runs" / name
         if record.get("status") != "done" or (run_dir / "record.json").is_file():
             continue
+        ran = record_settings(record, published["budget"]["overrides"])
+        wanted = run_settings(record["task"], record["method"], budget.overrides)
+        if ran != wanted:
+            print(f"[reproduce] {name} of {folder}: not imported, it ran with other settings than its cell's "
+                  f"({settings_difference(ran, wanted)}); it runs again", flush=True)  # fmt: skip
+            continue
         run_dir.mkdir(parents=True, exist_ok=True)
         for image_file in sorted((folder / "runs" / name).glob("eval_images_epoch*.npz")):
             shutil.copy2(image_file, run_dir / image_file.name)
         origin = record.get("imported_from", str(folder))  # an import of an import names the first source
-        write_json_atomic(run_dir / "record.json", {**record, "imported_from": origin})
+        write_json_atomic(run_dir / "record.json", {**record, "settings": ran, "imported_from": origin})
         imported.append(name)
     return imported

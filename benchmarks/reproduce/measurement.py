@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .grid import (
+    CELL_SETTINGS,
     HELDOUT_SET,
     SEEN_SET,
     TASKS,
@@ -26,17 +27,20 @@ from .grid import (
     load_index,
     read_json,
     run_name,
+    run_settings,
     write_json_atomic,
 )
 
 
 def run_config(budget: Budget, task: str, method: str, seed: int, out: Path, model: str, threads: int) -> Any:
-    """The run's :class:`TrainConfig`: the ``tiny-shapes`` preset with the task, method, seed and budget."""
+    """The run's :class:`TrainConfig`: the ``tiny-shapes`` preset, the cell's :data:`~.grid.CELL_SETTINGS`, the
+    task, method, seed and budget (its overrides last)."""
     from diffusion_mdp.agents import PRESETS, TrainConfig
 
     spec = TASKS[task]
     values: dict[str, Any] = {
         **PRESETS["tiny-shapes"],
+        **CELL_SETTINGS.get((task, method), {}),
         "eval_num_samples": budget.eval_samples,
         "name": run_name(task, method, seed),
         "output_dir": str(out / "runs"),
@@ -154,6 +158,7 @@ def execute_run(budget: Budget, task: str, method: str, seed: int, out: Path, mo
         "status": "done",
         "wall_s": round(state["wall_s"], 2),
         "queries": budget.queries_per_run,
+        "settings": run_settings(task, method, budget.overrides),
         "curve": [
             {
                 "epoch": h["epoch"],
