@@ -52,7 +52,15 @@ from typing import Any
 
 import numpy as np
 
-from .grid import NOT_SETTINGS, METHOD_LABELS, read_json, run_name, settings_difference, settings_text, write_json_atomic
+from .grid import (
+    METHOD_LABELS,
+    NOT_SETTINGS,
+    read_json,
+    run_name,
+    settings_difference,
+    settings_text,
+    write_json_atomic,
+)
 from .report import mean_std
 
 BENCHMARKS = Path(__file__).resolve().parents[1]

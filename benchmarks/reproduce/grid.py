@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 METHODS: tuple[str, ...] = ("ddpo_is", "ddpo_sf", "rwr", "sparse_rwr")
