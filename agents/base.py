@@ -164,7 +164,9 @@ class DiffusionAgent(EpochLoopMixin, RolloutMixin, EvaluationMixin, CheckpointMi
         self.components = self.env.unwrapped.components
         self.train_prompts: PromptSet = self.mdp.prompts
         self.eval_prompts: PromptSet = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else self.train_prompts
-        self.policy = DiffusionPolicy.from_env(self.env, guidance_scale=cfg.guidance_scale)
+        self.policy = DiffusionPolicy.from_env(
+            self.env, guidance_scale=cfg.guidance_scale, unconditional_gradient=cfg.unconditional_gradient
+        )
         self.unet = self.policy.unet
         seed_global_rngs(cfg.seed)  # before anything draws from them (the LoRA initialisation does)
         if cfg.channels_last:

@@ -157,10 +157,18 @@ class TrainConfig:
     kl_coef: float = 0.0
     """Coefficient β of a KL penalty to the pre-trained policy (with LoRA: the adapter disabled; in full
     fine-tuning: a frozen copy of the UNet, one more UNet in memory); 0 disables."""
+    unconditional_gradient: bool = True
+    """Backpropagate through the unconditional branch of classifier-free guidance too (the exact gradient of
+    the guided policy, the paper's). False computes ε_∅ without gradient in training: the same forward values
+    (the ratio at the first minibatch stays 1), a cheaper backward, and the semi-gradient w·∂ε_c/∂θ."""
     rwr_beta: float = 1.0
     """RWR temperature β: weights ∝ exp(r / β) (softmax over the epoch's samples)."""
     sparse_rwr_percentile: float = 0.9
     """Sparse RWR: only samples with reward ≥ this quantile of the epoch's rewards are trained on."""
+    rwr_reencode: bool = False
+    """RWR / sparse RWR regress the VAE's encoding of each sample's decoded image instead of the sampler's x_0
+    latent: the kind of latent the model was trained on (its own sampled latents carry high frequencies the
+    encoder never produces; the base tiny-shapes model's ε-loss on them is 2× that on encoded images)."""
     rwr_guided_loss: bool = True
     """RWR / sparse RWR regress the classifier-free-guided prediction ε̃ (the paper's choice: training the
     conditional branch alone degraded after the first round there) or, if False, the conditional ε_c only."""

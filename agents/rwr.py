@@ -10,7 +10,8 @@ training loss on the sampled x_0, weighted by the reward:
 
 ε̃_θ is the classifier-free-guided prediction (guidance is on while training, as for DDPO: the paper found
 training only the conditional branch degrades quickly; ``rwr_guided_loss=False`` trains ε_c instead).
-``target`` follows the scheduler's prediction type (ε, v or x_0). Multi-round as in the paper: every epoch
+``target`` follows the scheduler's prediction type (ε, v or x_0). x_0 is the sampler's final latent, or with
+``rwr_reencode`` the VAE's encoding of the image it decodes to (the kind of latent the model was trained on). Multi-round as in the paper: every epoch
 samples fresh x_0 from the current model, then trains ``num_inner_epochs`` passes on it (the shared loop of
 ``update.py``); each pass draws one random t per sample and timestep slot.
 """
@@ -23,6 +24,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import Tensor
+
+from diffusion_mdp.mdp import decode_latents, encode_images
 
 from .base import _SEED_TAGS, DiffusionAgent, derived_seed
 from .buffer import StepBatch
@@ -52,6 +55,7 @@ class RWR(DiffusionAgent):
 
     algorithm: ClassVar[str] = "rwr"
     weights: Tensor  # (n,) w of the epoch's samples, set by prepare_update
+    targets: Tensor  # (n, C, h, w) the x_0 regressed on, set by prepare_update
     noise_generator: torch.Generator  # the epoch's training draws (t, ε)
 
     def sample_weights(self, rewards: Tensor) -> Tensor:
@@ -62,6 +66,14 @@ class RWR(DiffusionAgent):
         # No advantages: μ = 0, σ = 1 leaves A = the return (the buffer shuffles only once they are set).
         self.buffer.compute_returns_and_advantage(lambda r, p, g: (np.zeros_like(r), np.ones_like(r)))
         self.weights = weights = self.sample_weights(self.buffer.episode_rewards.float()).to(self.device)
+        # x_0 of the regression: the sampler's latents, or (rwr_reencode) the VAE's encoding of their images.
+        self.targets = self.buffer.final_latents
+        if self.config.rwr_reencode:
+            vae = self.components.vae
+            self.targets = torch.cat([
+                encode_images(vae, decode_latents(vae, chunk)).to(self.targets.dtype)
+                for chunk in self.buffer.final_latents.split(self.config.sample_batch_size)
+            ])  # fmt: skip
         self.noise_generator = torch.Generator().manual_seed(derived_seed(self.config.seed, _SEED_TAGS["train"], epoch))
         return {
             "weight_max": float(weights.max()),
@@ -74,7 +86,7 @@ class RWR(DiffusionAgent):
         Only the step's trajectories (``step.indices``) and prompts are used: RWR regresses on their x_0.
         """
         scheduler, idx = self.components.scheduler, step.indices
-        x0 = self.buffer.final_latents[idx]
+        x0 = self.targets[idx]
         # A fresh training timestep t ~ U{0..999} and noise ε for each sample (DDPM's loss).
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=self.noise_generator)
         eps = torch.randn(x0.shape, generator=self.noise_generator)

@@ -48,6 +48,10 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
     # timestep_fraction), i.e. less of the algorithm's work: on the counting task it gains the same over 5 seeds
     # of 10 epochs (docs/results/is-tf0.5) but less on the training pairs in the 24-epoch main job (README).
     "half-timesteps": {"timestep_fraction": 0.5},
+    # The backward pass runs through the conditional branch of guidance only (ε_∅ without gradient): the same
+    # forward values, a semi-gradient instead of the exact one (TrainConfig.unconditional_gradient).
+    "cond-grad": {"unconditional_gradient": False},
+    "cond-grad+half-timesteps": {"unconditional_gradient": False, "timestep_fraction": 0.5},
 }
 DEFAULT_SETTINGS = ("plain", "fp32", "merged", "bf16", "bf16+merged")
 WORKLOAD = {

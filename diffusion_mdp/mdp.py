@@ -57,6 +57,31 @@ def decode_latents(vae: Any, latents: Tensor) -> np.ndarray:
     return (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def encode_images(vae: Any, images: np.ndarray | Tensor) -> Tensor:
+    """Encode uint8 images with the VAE into latents in the UNet's scale: the inverse of :func:`decode_latents`.
+
+    Args:
+        vae: A diffusers ``AutoencoderKL``.
+        images: ``uint8`` ``(B, H, W, 3)``.
+
+    Returns:
+        ``(B, C, h, w)`` float32: the posterior mean, shifted and scaled as the model's training data was.
+
+    >>> from diffusion_mdp.testing import build_reference_tiny_pipeline
+    >>> import tempfile
+    >>> from diffusers import AutoencoderKL
+    >>> vae = AutoencoderKL.from_pretrained(build_reference_tiny_pipeline(tempfile.mkdtemp()) / "vae")
+    >>> encode_images(vae, np.zeros((2, 64, 64, 3), np.uint8)).shape
+    torch.Size([2, 4, 32, 32])
+    """
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    device = next(vae.parameters()).device
+    pixels = torch.as_tensor(np.asarray(images), device=device).permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1.0
+    with torch.no_grad():
+        return ((vae.encode(pixels).latent_dist.mean - shift) * scaling).float()
+
+
 def _checked_device(device: torch.device | str) -> torch.device:
     """``torch.device(device)``, or a ValueError saying what to pass (a device whose backend is missing, too)."""
     try:

@@ -248,6 +248,27 @@ def test_kl_anchor_in_full_fine_tuning_is_the_frozen_pre_trained_unet(
     assert any(not torch.equal(p, reference[n]) for n, p in agent.unet.named_parameters())
 
 
+def test_rwr_reencode_regresses_the_vae_encoding_of_the_samples_images(
+    micro: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    """``rwr_reencode``: the regressed x_0 is encode(decode(x_0)), not the sampler's latent itself."""
+    from diffusion_mdp.mdp import decode_latents, encode_images
+
+    for reencode in (False, True):
+        cfg = tiny_config(micro, prompt_file, tmp_path / str(reencode), algorithm="sparse_rwr", num_epochs=1,
+                          rwr_reencode=reencode, eval_num_samples=0, image_every=0)  # fmt: skip
+        agent = make_agent(cfg)
+        agent.collect_rollouts(0)
+        agent.prepare_update(0)
+        sampled = agent.buffer.final_latents
+        if not reencode:
+            assert torch.equal(agent.targets, sampled)
+            continue
+        vae = agent.components.vae
+        torch.testing.assert_close(agent.targets, encode_images(vae, decode_latents(vae, sampled)))
+        assert agent.targets.shape == sampled.shape and not torch.allclose(agent.targets, sampled, atol=1e-3)
+
+
 @pytest.mark.parametrize("guided", [True, False])
 def test_rwr_regresses_the_guided_or_the_conditional_prediction(
     guided: bool, micro: Path, prompt_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

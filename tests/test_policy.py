@@ -39,6 +39,36 @@ def test_guidance_equals_two_separate_passes(policy: DiffusionPolicy) -> None:
     torch.testing.assert_close(guided, eps_u + 4.0 * (eps_c - eps_u), rtol=1e-4, atol=1e-5)
 
 
+def test_unconditional_branch_without_gradient_keeps_the_values_and_drops_its_gradient(policy: DiffusionPolicy) -> None:
+    """``unconditional_gradient=False``: the guided output is unchanged, its gradient is w·∂ε_c/∂θ."""
+    obs = observation(policy, [0, 3, 9])
+    latents, timesteps, embeds = policy.unpack(obs)
+    weight = next(p for p in policy.unet.parameters() if p.ndim == 4)  # the first convolution's kernel
+    weight.requires_grad_(True)
+
+    def gradient(loss: torch.Tensor) -> torch.Tensor:
+        (grad,) = torch.autograd.grad(loss, weight)
+        return grad
+
+    try:
+        exact = policy.predict(latents, timesteps, embeds)
+        exact_grad = gradient(exact.square().sum())
+        policy.unconditional_gradient = False
+        semi = policy.predict(latents, timesteps, embeds)
+        torch.testing.assert_close(semi, exact, rtol=1e-4, atol=1e-5)  # the same forward values
+        semi_grad = gradient(semi.square().sum())
+        eps_c = policy.unet(latents, timesteps, encoder_hidden_states=embeds).sample
+        # d/dθ Σ ε̃² with ε_∅ held constant = Σ 2 ε̃ · w ∂ε_c/∂θ
+        expected = gradient((2 * semi.detach() * 4.0 * eps_c).sum())
+        torch.testing.assert_close(semi_grad, expected, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(semi_grad, exact_grad, rtol=1e-2)
+        with torch.no_grad():  # sampling keeps the single 2B call
+            torch.testing.assert_close(policy.predict(latents, timesteps, embeds), exact.detach())
+    finally:
+        policy.unconditional_gradient = True
+        weight.requires_grad_(False)
+
+
 def test_sample_then_log_prob_agree_on_mixed_timesteps(policy: DiffusionPolicy) -> None:
     obs = observation(policy, [0, 5, 9, 2])
     actions, log_probs = policy.sample(obs, generator=torch.Generator().manual_seed(1))
