@@ -11,7 +11,8 @@ training loss on the sampled x_0, weighted by the reward:
 ε̃_θ is the classifier-free-guided prediction (guidance is on while training, as for DDPO: the paper found
 training only the conditional branch degrades quickly; ``rwr_guided_loss=False`` trains ε_c instead).
 ``target`` follows the scheduler's prediction type (ε, v or x_0). x_0 is the sampler's final latent, or with
-``rwr_reencode`` the VAE's encoding of the image it decodes to (the kind of latent the model was trained on). Multi-round as in the paper: every epoch
+``rwr_reencode`` the VAE's encoding of the image it decodes to (the kind of latent the model was trained on).
+Multi-round as in the paper: every epoch
 samples fresh x_0 from the current model, then trains ``num_inner_epochs`` passes on it (the shared loop of
 ``update.py``); each pass draws one random t per sample and timestep slot.
 """
