@@ -73,7 +73,7 @@ class RWR(DiffusionAgent):
             vae = self.components.vae
             self.targets = torch.cat([
                 encode_images(vae, decode_latents(vae, chunk)).to(self.targets.dtype)
-                for chunk in self.buffer.final_latents.split(self.config.sample_batch_size)
+                for chunk in self.targets.split(self.config.sample_batch_size)
             ])  # fmt: skip
         self.noise_generator = torch.Generator().manual_seed(derived_seed(self.config.seed, _SEED_TAGS["train"], epoch))
         return {
