@@ -29,4 +29,4 @@ test: $(STAMP)
 	rm -rf $(LAYERS) && mkdir -p $(LAYERS) && cp -r diffusion_mdp $(LAYERS)/ \
 		&& cp -r agents $(LAYERS)/diffusion_mdp/agents && cp -r envs $(LAYERS)/diffusion_mdp/envs
 	cd $(LAYERS) && PYTHONPATH=. $(abspath $(VENV))/bin/lint-imports --config $(CURDIR)/pyproject.toml
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -rs --durations=15

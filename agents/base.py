@@ -217,6 +217,7 @@ class DiffusionAgent(EpochLoopMixin, RolloutMixin, EvaluationMixin, CheckpointMi
             self.buffer.shard = self.dist.shard
         self.epoch = 0  # completed epochs
         self.global_step = 0  # optimizer steps
+        self.scheduled_lr = cfg.learning_rate  # this epoch's learning rate (lr_schedule), before any warm-up
         self.history: list[dict[str, Any]] = []
         self.eval_history: list[dict[str, Any]] = []
         self.logger: Logger | None = None
@@ -349,6 +350,10 @@ class DiffusionAgent(EpochLoopMixin, RolloutMixin, EvaluationMixin, CheckpointMi
     def optimizer_step(self) -> float:
         """Unscale, clip the gradient norm, step AdamW, zero; returns the pre-clip norm (gradients are averaged
         over processes by DDP / FSDP in the last backward pass)."""
+        if self.config.lr_warmup_steps:
+            warmup = min(1.0, (self.global_step + 1) / self.config.lr_warmup_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.scheduled_lr * warmup
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.max_grad_norm or float("inf")
         norm = self.dist.clip_grad_norm_(self.trainable, max_norm)

@@ -138,6 +138,10 @@ class TrainConfig:
     """constant or linear (linear decays to lr_end over the run; SB3 LinearSchedule)."""
     lr_end: float = 0.0
     """Final learning rate of the linear schedule."""
+    lr_warmup_steps: int = 0
+    """Raise the learning rate linearly from lr/N to lr over the first N optimizer steps (0: no warm-up). AdamW's
+    first steps move every weight by about lr whatever its gradient's size (its second-moment estimate is still
+    one sample), which in full fine-tuning is the largest change of the whole run."""
     clip_range: float = 1e-4
     """PPO clip range ε on the per-step ratio (the paper: 1e-4, with mean log-probs)."""
     clip_range_schedule: str = "constant"
@@ -276,7 +280,14 @@ class TrainConfig:
             "eval_every",
         ):
             check(key, getattr(self, key) >= 1, "must be >= 1")
-        for key in ("stat_min_count", "eval_num_samples", "image_every", "num_threads", "reward_retries"):
+        for key in (
+            "stat_min_count",
+            "eval_num_samples",
+            "image_every",
+            "num_threads",
+            "reward_retries",
+            "lr_warmup_steps",
+        ):
             check(key, getattr(self, key) >= 0, "must be >= 0")
         check("seed", 0 <= self.seed < 2**63, "must be in [0, 2**63)", "seeds are non-negative integers")
         check(

@@ -53,6 +53,7 @@ class EpochLoopMixin:
     components: DiffusionComponents
     optimizer: torch.optim.Optimizer
     lr_schedule: FloatSchedule
+    scheduled_lr: float
     logger: Logger | None
     epoch: int
     global_step: int
@@ -174,7 +175,7 @@ class EpochLoopMixin:
         )
         with self._interrupt_handler():
             for epoch in bar:
-                lr = self.lr_schedule(self.progress_remaining(epoch))
+                lr = self.scheduled_lr = self.lr_schedule(self.progress_remaining(epoch))
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 t0 = time.perf_counter()

@@ -346,7 +346,14 @@ def test_full_finetuning_and_group_advantages(micro: Path, prompt_file: Path, tm
 
 
 def test_resume_equals_uninterrupted(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
-    changes = dict(num_inner_epochs=2, timestep_fraction=0.67, lr_schedule="linear", eval_every=2, image_every=0)
+    changes = dict(
+        num_inner_epochs=2,
+        timestep_fraction=0.67,
+        lr_schedule="linear",
+        lr_warmup_steps=10,  # still warming up when the run is interrupted
+        eval_every=2,
+        image_every=0,
+    )
     straight, _ = train(tiny_config(micro, prompt_file, tmp_path / "a", num_epochs=3, **changes))
 
     # The same run, "interrupted" during epoch 2 the way Ctrl-C does it: the epoch finishes, a checkpoint is
@@ -373,6 +380,24 @@ def test_resume_equals_uninterrupted(micro: Path, prompt_file: Path, tmp_path: P
     ]
     for (name, p), q in zip(straight.unet.named_parameters(), resumed.unet.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_lr_warmup_rises_linearly_then_follows_the_schedule(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
+    agent = make_agent(tiny_config(micro, prompt_file, tmp_path, lr_warmup_steps=3, lr_schedule="linear", lr_end=0.0))
+    seen: list[float] = []
+    step = agent.optimizer.step
+
+    def record_lr(*args: object, **kwargs: object) -> object:
+        seen.append(agent.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    agent.optimizer.step = record_lr  # type: ignore[method-assign]
+    agent.learn()
+    per_epoch = len(seen) // 2
+    assert per_epoch >= 2, "the test needs two optimizer steps per epoch"
+    # Epoch 1 runs at lr = 1e-2, epoch 2 at 5e-3 (linear to 0 over 2 epochs); steps 1-3 are scaled by 1/3, 2/3, 1.
+    expected = [1e-2 * min(1.0, (k + 1) / 3) * (1.0 if k < per_epoch else 0.5) for k in range(len(seen))]
+    assert seen == pytest.approx(expected)
 
 
 def test_lora_export_round_trip(micro: Path, prompt_file: Path, tmp_path: Path) -> None:

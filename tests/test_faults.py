@@ -116,6 +116,7 @@ BAD_FIELDS = [
     ({"adam_epsilon": 0.0}, "adam_epsilon=0.0 must be > 0"),
     ({"adam_weight_decay": -1.0}, "adam_weight_decay=-1.0 must be >= 0"),
     ({"lr_end": -1.0}, "lr_end=-1.0 must be >= 0"),
+    ({"lr_warmup_steps": -1}, "lr_warmup_steps=-1 must be >= 0"),
     ({"max_grad_norm": math.nan}, "max_grad_norm=nan must be a finite number"),
     ({"kl_coef": -0.1}, "kl_coef=-0.1 must be >= 0"),
     ({"algorithm": "sparse_rwr", "kl_coef": 0.1}, "RWR regresses x_0 and has no per-step policy Gaussian"),
