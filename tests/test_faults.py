@@ -771,15 +771,24 @@ def test_sigterm_and_sighup_handlers_are_installed_and_restored(micro: Path, pro
     from diffusion_mdp.agents import make_agent
 
     agent = make_agent(tiny_config(micro, prompt_file, tmp_path, num_epochs=1))
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    if any(handler is not signal.SIG_DFL for handler in before.values()):
-        pytest.skip("the test runner handles SIGTERM/SIGHUP itself")
-    with agent._interrupt_handler():
-        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-        os.kill(os.getpid(), signal.SIGHUP)
-        time.sleep(0.05)
-        assert agent._stop_requested and agent._stop_signal == signal.SIGHUP
-    assert {sig: signal.getsignal(sig) for sig in before} == before
+    original = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for sig in original:  # as in a plain shell (under nohup SIGHUP is SIG_IGN, which the agent leaves alone)
+            signal.signal(sig, signal.SIG_DFL)
+        with agent._interrupt_handler():
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.05)
+            assert agent._stop_requested and agent._stop_signal == signal.SIGHUP
+        assert all(signal.getsignal(sig) is signal.SIG_DFL for sig in original)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with agent._interrupt_handler():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # nohup's choice is kept
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for sig, handler in original.items():
+            signal.signal(sig, handler)
 
 
 def test_config_json_of_a_run_holds_no_token(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
