@@ -183,7 +183,7 @@ class EpochLoopMixin:
                 t1 = time.perf_counter()
                 metrics.update(self.dist.average_metrics(self.train_on_rollouts(epoch)))
                 t2 = time.perf_counter()
-                metrics["lr"] = lr
+                metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # the last update's: lr_warmup_steps scales it
                 metrics["global_step"] = self.global_step
                 self.epoch = epoch + 1
                 self.history.append(metrics)

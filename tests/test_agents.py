@@ -398,6 +398,7 @@ def test_lr_warmup_rises_linearly_then_follows_the_schedule(micro: Path, prompt_
     # Epoch 1 runs at lr = 1e-2, epoch 2 at 5e-3 (linear to 0 over 2 epochs); steps 1-3 are scaled by 1/3, 2/3, 1.
     expected = [1e-2 * min(1.0, (k + 1) / 3) * (1.0 if k < per_epoch else 0.5) for k in range(len(seen))]
     assert seen == pytest.approx(expected)
+    assert [m["lr"] for m in agent.history] == pytest.approx([seen[per_epoch - 1], seen[-1]])  # what the log says
 
 
 def test_lora_export_round_trip(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
