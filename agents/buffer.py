@@ -101,15 +101,26 @@ class TrajectoryMinibatch:
 
     def step(self, j: int) -> StepBatch:
         """The j-th training step of every trajectory in the minibatch (different t per trajectory)."""
-        buf, idx, k = self.buffer, self.indices, self.step_order[:, j]
+        return self.steps(j, j + 1)
+
+    def steps(self, start: int, stop: int) -> StepBatch:
+        """Training steps ``start .. stop - 1`` of every trajectory, stacked into one batch of ``b·(stop - start)``.
+
+        Rows are ordered step-major (the b trajectories' ``start``-th steps, then their next ones, …), so
+        ``steps(j, j + 1)`` is :meth:`step` ``(j)``; a loss that is a mean over rows is then the mean of the
+        per-step losses, and one forward of the stacked batch does the work of ``stop - start`` forwards.
+        """
+        buf, idx = self.buffer, self.indices
+        k = self.step_order[:, start:stop].T.reshape(-1)  # (b·c,): step-major
+        rows = idx.repeat(stop - start)
         return StepBatch(
-            latents=buf.latents[idx, k],
-            next_latents=buf.latents[idx, k + 1],
-            timesteps=buf.timesteps[idx, k],
-            old_log_probs=buf.log_probs[idx, k],
-            advantages=buf.advantages[idx, k],
-            prompt_embeds=buf.prompt_embeds[idx],
-            indices=idx,
+            latents=buf.latents[rows, k],
+            next_latents=buf.latents[rows, k + 1],
+            timesteps=buf.timesteps[rows, k],
+            old_log_probs=buf.log_probs[rows, k],
+            advantages=buf.advantages[rows, k],
+            prompt_embeds=buf.prompt_embeds[rows],
+            indices=rows,
             step_indices=k,
         )
 

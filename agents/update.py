@@ -3,14 +3,14 @@
 An algorithm is a loss on one step batch; this loop does the rest, once for all of them (CleanRL's
 ``ppo_continuous_action.py`` writes the same loop inline; here DDPO-IS, DDPO-SF, RWR and the GRPO example
 share it). Per epoch e, with B = ``train_batch_size``, K = ``ceil(timestep_fraction · T)`` and
-G = :meth:`~Learner.accumulation_steps`::
+G = :meth:`~Learner.accumulation_steps` and c = ``timesteps_per_forward``::
 
     A  = prepare_update(e)                         # the algorithm fills what its loss reads (advantages, …)
     for inner in 1 .. num_inner_epochs:
         for each minibatch of B trajectories       # shuffled across samples and, per trajectory, across time
-            for j in 1 .. K:                       # the j-th of each trajectory's own K steps
-                loss = step_loss(step j) / (K · G)
-                backward(loss)                     # accumulate: one step's activations in memory at a time
+            for j in 1 .. K, c at a time:          # the j-th of each trajectory's own K steps
+                loss = step_loss(steps j .. j+c-1) · c / (K · G)   # one forward of b·c rows
+                backward(loss)                     # accumulate: c steps' activations in memory at a time
             every G minibatches (and after the last): unscale, clip ‖g‖, AdamW step, zero
 
 so one optimizer step follows the mean loss over K timesteps × G minibatches (the paper: 256 samples,
@@ -77,6 +77,7 @@ def run_update(agent: Learner, epoch: int, step_optimizer: bool = True) -> dict[
         "first_<name>" for each name in ``agent.first_step_metrics``}``, all floats.
     """
     cfg = agent.config
+    per_forward = cfg.timesteps_per_forward
     extra = agent.prepare_update(epoch)
     logs: dict[str, list[float]] = {"loss": []}
     first: dict[str, float] = {}
@@ -91,17 +92,22 @@ def run_update(agent: Learner, epoch: int, step_optimizer: bool = True) -> dict[
             # 1/(K·G): the accumulated gradient is that of the mean loss over K timesteps × G minibatches.
             scale = 1.0 / (minibatch.num_timesteps * accumulation)
             step_due = (mb_index + 1) % accumulation == 0 or mb_index == len(minibatches) - 1
-            for j in range(minibatch.num_timesteps):
-                with agent.gradient_sync(step_due and j == minibatch.num_timesteps - 1):
-                    loss, stats = agent.step_loss(minibatch.step(j), epoch)
-                    agent.backward(loss * scale)
-                logs["loss"].append(float(loss.detach()))
+            num_timesteps = minibatch.num_timesteps
+            for start in range(0, num_timesteps, per_forward):
+                stop = min(start + per_forward, num_timesteps)
+                # A step loss is a mean over its rows, so c stacked steps' loss is the mean of their c losses:
+                # scaled by c/(K·G), the accumulated gradient is the same as c separate steps'.
+                with agent.gradient_sync(step_due and stop == num_timesteps):
+                    loss, stats = agent.step_loss(minibatch.steps(start, stop), epoch)
+                    agent.backward(loss * (scale * (stop - start)))
+                # Weighted by the number of steps stacked, so every mean below is over steps whatever c is.
+                logs["loss"].extend([float(loss.detach())] * (stop - start))
                 for name, value in stats.items():
                     number = float(value.detach() if isinstance(value, Tensor) else value)
                     if name in agent.first_step_metrics:
                         first.setdefault(f"first_{name}", number)
                     else:
-                        logs.setdefault(name, []).append(number)
+                        logs.setdefault(name, []).extend([number] * (stop - start))
             if step_optimizer and step_due:
                 grad_norms.append(agent.optimizer_step())
     metrics = {name: float(np.mean(values)) for name, values in logs.items() if values}

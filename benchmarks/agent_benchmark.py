@@ -52,6 +52,11 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
     # forward values, a semi-gradient instead of the exact one (TrainConfig.unconditional_gradient).
     "cond-grad": {"unconditional_gradient": False},
     "cond-grad+half-timesteps": {"unconditional_gradient": False, "timestep_fraction": 0.5},
+    # c of each trajectory's timesteps stacked into one forward/backward (TrainConfig.timesteps_per_forward): the
+    # same gradient from fewer, larger UNet calls (at the workload's train batch of 8, 16 rows a call at c = 1).
+    "stack5": {"timesteps_per_forward": 5},
+    "stack10": {"timesteps_per_forward": 10},
+    "cond-grad+stack10": {"unconditional_gradient": False, "timesteps_per_forward": 10},
 }
 DEFAULT_SETTINGS = ("plain", "fp32", "merged", "bf16", "bf16+merged")
 WORKLOAD = {

@@ -18,7 +18,9 @@ from diffusion_mdp.agents import (
     ConfigError,
     DenoisingRolloutBuffer,
     PerPromptStatTracker,
+    StepBatch,
     TrainConfig,
+    TrajectoryMinibatch,
     group_statistics,
     make_agent,
     ppo_clip_loss,
@@ -27,6 +29,7 @@ from diffusion_mdp.agents import (
     sparse_rwr_weights,
     train,
 )
+from diffusion_mdp.agents.update import run_update
 from diffusion_mdp.mdp import RewardError
 from diffusion_mdp.rewards import register_reward
 from diffusion_mdp.testing import build_reference_tiny_pipeline
@@ -320,6 +323,51 @@ def test_ddpo_sf_step_equals_ddpo_is_step_when_is_takes_one_update(
     sf, is_ = gradients["ddpo_sf"], gradients["ddpo_is"]
     assert sf.abs().max() > 1e-7  # a real gradient, not two zeros
     torch.testing.assert_close(is_, sf, rtol=1e-3, atol=1e-3 * float(sf.abs().max()))
+
+
+@pytest.mark.parametrize("algorithm", ["ddpo_is", "ddpo_sf"])
+def test_stacking_timesteps_into_one_forward_leaves_the_gradient_unchanged(
+    micro: Path, prompt_file: Path, tmp_path: Path, algorithm: str
+) -> None:
+    """``timesteps_per_forward`` = c runs c of each trajectory's steps as one forward of b·c rows.
+
+    Same rollouts, same weights, gradient accumulated without an optimizer step: with c = 2 of K = 3 steps
+    (chunks of 2 and 1, so the uneven last chunk's 1/(K·G) weighting is exercised too) the gradient and every
+    logged mean equal c = 1's up to float rounding (DDPO-SF: over G = 2 accumulated minibatches), and DDPO-IS's
+    first ratio is still 1.
+    """
+    agents = {}
+    for per_forward in (1, 2):
+        cfg = tiny_config(micro, prompt_file, tmp_path / str(per_forward), algorithm=algorithm, use_lora=False,
+                          timesteps_per_forward=per_forward, eval_num_samples=0, image_every=0)  # fmt: skip
+        agent = make_agent(cfg)
+        agent.collect_rollouts(0)
+        metrics = run_update(agent, 0, step_optimizer=False)
+        agents[per_forward] = (agent, metrics)
+    (one, m1), (two, m2) = agents[1], agents[2]
+    torch.testing.assert_close(two.buffer.latents, one.buffer.latents)  # the same rollouts
+    g1 = torch.cat([p.grad.flatten() for p in one.trainable])
+    g2 = torch.cat([p.grad.flatten() for p in two.trainable])
+    assert g1.abs().max() > 1e-7
+    torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6 * float(g1.abs().max()))
+    assert m2.keys() == m1.keys()
+    for name in m1:
+        assert m2[name] == pytest.approx(m1[name], rel=1e-4, abs=1e-7), name
+    if algorithm == "ddpo_is":
+        assert m2["first_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_stacked_steps_are_step_major() -> None:
+    """``steps(j, j + c)`` is ``step(j)``, …, ``step(j + c - 1)`` concatenated, in that order."""
+    buffer = _filled_buffer(np.array([1.0, 2.0, 3.0]), num_steps=4)
+    buffer.latents = torch.randn_like(buffer.latents)  # every (trajectory, step) distinct
+    buffer.prompt_embeds = torch.randn_like(buffer.prompt_embeds)
+    minibatch = TrajectoryMinibatch(buffer, torch.tensor([2, 0]), torch.tensor([[3, 1, 0, 2], [0, 2, 3, 1]]))
+    stacked = minibatch.steps(1, 3)
+    for field in StepBatch._fields:
+        expected = torch.cat([getattr(minibatch.step(1), field), getattr(minibatch.step(2), field)])
+        assert torch.equal(getattr(stacked, field), expected), field
+    assert stacked.step_indices.tolist() == [1, 2, 0, 3]
 
 
 def test_full_finetuning_and_group_advantages(micro: Path, prompt_file: Path, tmp_path: Path) -> None:
