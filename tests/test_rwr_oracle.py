@@ -5,27 +5,20 @@ and a smoke run (1 step of 4 renders, 1 image per prompt) through fine-tuning, c
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .conftest import import_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def oracle():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import rwr_oracle
-
-        yield rwr_oracle
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return import_benchmark("rwr_oracle")
 
 
 def test_renders_are_right_for_their_prompts(oracle) -> None:

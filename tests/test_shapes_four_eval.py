@@ -5,26 +5,19 @@ gains exactly 0), several runs give per-run gains with a t interval, and bad arg
 from __future__ import annotations
 
 import doctest
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .conftest import import_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def evaluation():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import shapes_four_eval
-
-        yield shapes_four_eval
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return import_benchmark("shapes_four_eval")
 
 
 def fake_run(folder: Path, weights: dict[str, torch.Tensor]) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from diffusion_mdp.agents import TrainConfig, make_agent
 from diffusion_mdp.testing import build_reference_tiny_pipeline
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +63,8 @@ def test_merged_lora_sampling_matches_and_restores_the_base_weights(micro: Path,
 
 
 def test_plain_ddpo_baseline_scores_its_own_samples_and_learns(micro: Path) -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from plain_ddpo import PlainConfig, PlainDDPO
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    plain_ddpo = import_benchmark("plain_ddpo")
+    PlainConfig, PlainDDPO = plain_ddpo.PlainConfig, plain_ddpo.PlainDDPO
     cfg = PlainConfig(num_steps=3, samples_per_epoch=4, sample_batch_size=2, train_batch_size=2, learning_rate=1e-2)
     plain = PlainDDPO(micro, ["a red circle", "two blue squares"], cfg)
     before = [p.detach().clone() for p in plain.trainable]
