@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import import_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_benchmark.py"
 
 
@@ -30,15 +32,11 @@ def test_tiny_gpu_benchmark_reports_every_field(tmp_path: Path) -> None:
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from gpu_benchmark import FIELDS
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    fields = import_benchmark("gpu_benchmark").FIELDS
     rows = json.loads(out.read_text())
     assert [(r["mode"], r["gradient_checkpointing"]) for r in rows] == [("lora", False), ("lora", True)]
     for row in rows:
-        assert set(row) == set(FIELDS)
+        assert set(row) == set(fields)
         for key in ("sampling_images_per_s", "train_step_s", "training_s_per_epoch", "peak_memory_mib"):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         # the extrapolated epoch is at least the training passes it is made of
