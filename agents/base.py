@@ -226,6 +226,9 @@ class DiffusionAgent(EpochLoopMixin, RolloutMixin, EvaluationMixin, CheckpointMi
         self._saved_epoch: int | None = None  # epoch of the checkpoint at checkpoint_path, once known
         self._eval_pending = False  # a resumed run whose last evaluation was due but not done
         self.last_images: tuple[np.ndarray, list[str], np.ndarray] | None = None
+        # The SDE window (sde_window_size > 0): this epoch's stochastic, trained steps (start, stop).
+        self.base_schedule = self.policy.schedule
+        self.window = (0, cfg.num_steps)
 
     def _remote_reward_kwargs(self) -> dict[str, Any] | None:
         """Timeout, retries and token of a reward server (``reward = "http://..."``); None for a local reward."""
@@ -286,9 +289,38 @@ class DiffusionAgent(EpochLoopMixin, RolloutMixin, EvaluationMixin, CheckpointMi
         """G, the minibatches whose gradients add up to one optimizer step (``gradient_accumulation_steps``)."""
         return self.config.gradient_accumulation_steps
 
+    # ------------------------------------------------------------------------------------------
+    # The SDE window (any algorithm): noise and training on a window of consecutive steps only
+    # ------------------------------------------------------------------------------------------
+    def window_for_epoch(self, epoch: int) -> tuple[int, int]:
+        """``(start, stop)`` of the epoch's SDE window: ``sde_window_size`` consecutive steps starting at a step
+        drawn uniformly from 0..``sde_window_max_start`` (seeded by (seed, epoch)); every step without one."""
+        cfg = self.config
+        if cfg.sde_window_size == 0:
+            return (0, cfg.num_steps)
+        last = cfg.sde_window_max_start if cfg.sde_window_max_start >= 0 else cfg.num_steps - cfg.sde_window_size
+        rng = np.random.default_rng(derived_seed(cfg.seed, SEED_TAGS["window"], epoch))
+        start = int(rng.integers(last + 1))
+        return (start, start + cfg.sde_window_size)
+
+    def collect_rollouts(self, epoch: int) -> dict[str, Any]:
+        """The epoch's rollouts (:class:`~.rollouts.RolloutMixin`), stochastic on the SDE window only.
+
+        With ``sde_window_size`` > 0 the sampler is stochastic (η, or the flow SDE's noise level) on the
+        window's steps and deterministic elsewhere, so the trajectories branch, and the reward is credited,
+        only there; :meth:`trained_steps` trains on the same steps.
+        """
+        self.window = self.window_for_epoch(epoch)
+        if self.config.sde_window_size == 0:
+            return super().collect_rollouts(epoch)
+        start, stop = self.window
+        self.policy.schedule = self.mdp.schedule = self.base_schedule.with_sde_window(start, stop - start)
+        stats = super().collect_rollouts(epoch)
+        return {**stats, "window_start": float(start)}
+
     def trained_steps(self, epoch: int) -> tuple[int, int] | None:
-        """``(start, stop)``: the steps k the epoch trains on (a window of them); None: all T steps."""
-        return None
+        """``(start, stop)``: the steps k the epoch trains on (its SDE window); None: all T steps."""
+        return self.window if self.config.sde_window_size > 0 else None
 
     # ------------------------------------------------------------------------------------------
     # Numerics shared by algorithms

@@ -133,10 +133,11 @@ class TrainConfig:
     main job (train batch 32, both guidance branches: 64 rows a call at c = 1) on 2 CPU cores, c = 2 took
     0.86–0.90× the training time of c = 1, c = 5 0.89–0.95×, c = 10 1.01–1.06× (README, "Benchmarks")."""
     sde_window_size: int = 0
-    """flow_grpo: train on a window of this many consecutive steps (flow-matching models also sample with the
-    SDE there only, the ODE elsewhere); 0: every step."""
+    """Sample stochastically (DDIM: η; flow matching: the SDE) on a window of this many consecutive steps only,
+    deterministically elsewhere, and train on the window's steps (any algorithm); 0: every step."""
     sde_window_max_start: int = -1
-    """flow_grpo: each epoch's window starts at a step drawn uniformly from 0..this (-1: num_steps - size)."""
+    """Each epoch's SDE window starts at a step drawn uniformly from 0..this (-1: num_steps - size; 0: always the
+    first, noisiest steps)."""
     learning_rate: float = 3e-4
     """AdamW learning rate (the paper: 3e-4 with LoRA)."""
     lr_schedule: str = "constant"

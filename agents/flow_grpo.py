@@ -12,30 +12,27 @@ with π_ref the pre-trained model (the network with its LoRA adapter disabled) a
 Gaussians of the same std at a step, KL = ‖μ_θ - μ_ref‖² / (2 std²) (mean over latent dimensions, like the
 log-probs). Advantages are clipped to ± ``adv_clip_max``; β = ``kl_coef``, ε = ``clip_range``.
 
-**The SDE window** (Flow-GRPO-Fast; MixGRPO slides it). With ``sde_window_size = K > 0`` each epoch draws a
-window of K consecutive steps (start uniform in 0..``sde_window_max_start``, seeded by (seed, epoch)); only
-those steps are trained on. On flow-matching models the rollouts also sample with the SDE on the window and
-the deterministic ODE elsewhere (fewer noisy steps, sharper credit assignment). DDIM models have one η for
-all steps, so there the window selects the trained steps and sampling stays stochastic throughout.
+**The SDE window** (Flow-GRPO-Fast; MixGRPO slides it), the base class's for every algorithm. With
+``sde_window_size = K > 0`` each epoch draws a window of K consecutive steps (start uniform in
+0..``sde_window_max_start``, seeded by (seed, epoch)); the rollouts sample with the SDE (DDIM: η) on the window
+and deterministically elsewhere (fewer noisy steps, sharper credit assignment), and only the window's steps are
+trained on.
 
-The rollouts, minibatching, optimizer step, checkpoints and evaluation are the base class's; this file is the
-loss (:func:`flow_grpo_loss`) and the window.
+The rollouts, the window, minibatching, optimizer step, checkpoints and evaluation are the base class's; this
+file is the loss (:func:`flow_grpo_loss`).
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .base import DiffusionAgent, derived_seed
+from .base import DiffusionAgent
 from .buffer import StepBatch
 from .config import ConfigError
 from .ddpo_is import ppo_clip_loss
-
-_WINDOW_TAG = 7  # seed stream of the per-epoch window start (the base class's tags use 0..6)
 
 
 def flow_grpo_loss(
@@ -76,7 +73,7 @@ def flow_grpo_loss(
 
 
 class FlowGRPO(DiffusionAgent):
-    """Flow-GRPO on any model of the library (flow matching: SDE window sampling; DDIM: window training)."""
+    """Flow-GRPO on any model of the library (flow matching or DDIM), with the base class's SDE window."""
 
     algorithm: ClassVar[str] = "flow_grpo"
     # The first step's ratio must be 1: the policy that sampled those actions scores them.
@@ -88,38 +85,10 @@ class FlowGRPO(DiffusionAgent):
                 "flow_grpo compares the k samples of each prompt: set advantage_mode='group' and group_size=k"
             )
         super().__init__(config, components)
-        self.base_schedule = self.policy.schedule
-        self.window = (0, self.config.num_steps)
 
     # ------------------------------------------------------------------------------------------
-    # The SDE window
+    # Training: the shared loop of update.py over the SDE window's steps (the base class's), with this loss
     # ------------------------------------------------------------------------------------------
-    def window_for_epoch(self, epoch: int) -> tuple[int, int]:
-        """``(start, stop)`` of the epoch's trained steps (every step without a window)."""
-        cfg = self.config
-        if cfg.sde_window_size == 0:
-            return (0, cfg.num_steps)
-        last = cfg.sde_window_max_start if cfg.sde_window_max_start >= 0 else cfg.num_steps - cfg.sde_window_size
-        rng = np.random.default_rng(derived_seed(cfg.seed, _WINDOW_TAG, epoch))
-        start = int(rng.integers(last + 1))
-        return (start, start + cfg.sde_window_size)
-
-    def collect_rollouts(self, epoch: int) -> dict[str, Any]:
-        """The base class's rollouts, with the SDE on this epoch's window only (flow-matching models)."""
-        self.window = self.window_for_epoch(epoch)
-        if hasattr(self.base_schedule, "with_sde_window") and self.config.sde_window_size > 0:
-            start, stop = self.window
-            schedule = self.base_schedule.with_sde_window(start, stop - start)
-            self.policy.schedule = self.mdp.schedule = schedule
-        stats = super().collect_rollouts(epoch)
-        return {**stats, "window_start": float(self.window[0])}
-
-    # ------------------------------------------------------------------------------------------
-    # Training: the shared loop of update.py over the window's steps, with this loss
-    # ------------------------------------------------------------------------------------------
-    def trained_steps(self, epoch: int) -> tuple[int, int]:
-        return self.window
-
     def prepare_update(self, epoch: int) -> dict[str, float]:
         super().prepare_update(epoch)  # 1. group advantages A_i, the same for every step of trajectory i
         return {"clip_range": self.current_clip_range(epoch)}

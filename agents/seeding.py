@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from diffusion_mdp.envs.vector import DenoisingVectorEnv
 
 # The purposes of the random streams (the second key of derived_seed); a new purpose takes a new number.
-SEED_TAGS = {"env": 0, "noise": 1, "shuffle": 2, "group": 3, "train": 4, "eval": 5, "init": 6}
+SEED_TAGS = {"env": 0, "noise": 1, "shuffle": 2, "group": 3, "train": 4, "eval": 5, "init": 6, "window": 7}
 
 
 def derived_seed(*keys: int) -> int:

@@ -47,10 +47,17 @@ the previous timestep to 0, i.e. always uses α_0. We follow diffusers (so that 
 step); for Stable Diffusion's configs (``set_alpha_to_one=False``) and for the bundled tiny-shapes model
 the two agree. With ``set_alpha_to_one=True`` the last step would have σ = 0 — a deterministic action with no
 log-probability — so :class:`DDIMSchedule` refuses that combination with η > 0 and says how to fix it.
+
+**A stochastic window** (``sde_window``, as for flow-matching models in ``flow.py``): η on the steps
+``start <= k < stop`` only, η = 0 (deterministic DDIM) elsewhere. The trajectory then branches only inside
+the window, so a terminal reward is credited to the window's actions alone (MixGRPO's and Flow-GRPO-Fast's
+idea, here for DDIM). Steps outside the window have no density: their log-probability is returned as 0 (a
+marker, not a density; it has no gradient) and they must not be trained on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -76,6 +83,7 @@ class DDIMSchedule:
         eta: η of DDIM; η > 0 makes the policy stochastic (η = 1 is DDPM-like, the paper's setting).
         prediction_type: What the UNet predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
         clip_sample_range: If set, the predicted x_0 is clamped to ± this (diffusers' ``clip_sample``).
+        sde_window: ``(start, stop)``: η only on steps ``start <= k < stop`` (η = 0 elsewhere); None: every step.
 
     >>> from diffusers import DDIMScheduler
     >>> schedule = DDIMSchedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False), num_steps=4)
@@ -90,6 +98,7 @@ class DDIMSchedule:
     eta: float = 1.0
     prediction_type: PredictionType = "epsilon"
     clip_sample_range: float | None = None
+    sde_window: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -104,6 +113,10 @@ class DDIMSchedule:
                 "(σ = 0), so its action has no log-probability. Load the scheduler with "
                 "DDIMScheduler.from_config(config, set_alpha_to_one=False) (Stable Diffusion's own setting)."
             )
+        if self.sde_window is not None:
+            start, stop = self.sde_window
+            if not 0 <= start < stop <= self.num_steps:
+                raise ValueError(f"sde_window {self.sde_window} must satisfy 0 <= start < stop <= {self.num_steps}")
 
     @classmethod
     def from_scheduler(cls, scheduler: Any, num_steps: int, eta: float = 1.0) -> DDIMSchedule:
@@ -147,6 +160,39 @@ class DDIMSchedule:
         """Δ = num_train_timesteps // num_steps, the gap between consecutive timesteps (as in diffusers)."""
         return self.num_train_timesteps // self.num_steps
 
+    def with_sde_window(self, start: int, size: int) -> DDIMSchedule:
+        """A copy with η on steps ``start .. start + size - 1`` only, deterministic DDIM (η = 0) elsewhere.
+
+        >>> from diffusers import DDIMScheduler
+        >>> schedule = DDIMSchedule.from_scheduler(DDIMScheduler(set_alpha_to_one=False), num_steps=4)
+        >>> schedule.with_sde_window(0, 2).etas(schedule.timesteps).tolist()
+        [1.0, 1.0, 0.0, 0.0]
+        """
+        return dataclasses.replace(self, sde_window=(int(start), int(start) + int(size)))
+
+    def step_index(self, timestep: Tensor) -> Tensor:
+        """The step k ``(B,)`` int64 of each timestep ``(B,)`` (k = 0 is the first, noisiest step).
+
+        Raises:
+            ValueError: A timestep that is not one of the schedule's.
+        """
+        reference = self.timesteps.to(timestep.device)
+        matches = timestep.reshape(-1, 1) == reference.reshape(1, -1)
+        if not bool(matches.any(dim=1).all()):
+            bad = timestep.reshape(-1)[~matches.any(dim=1)].tolist()
+            raise ValueError(f"timesteps {bad} are not steps of this schedule ({self.timesteps.tolist()})")
+        return matches.to(torch.int64).argmax(dim=1)
+
+    def etas(self, timestep: Tensor | int) -> Tensor:
+        """η at each timestep ``(B,)`` float64: ``eta`` inside the SDE window (everywhere without one), else 0."""
+        timestep = _as_timesteps(timestep)
+        etas = torch.full(timestep.shape, self.eta, dtype=torch.float64, device=timestep.device)
+        if self.sde_window is None:
+            return etas
+        k = self.step_index(timestep)
+        inside = (k >= self.sde_window[0]) & (k < self.sde_window[1])
+        return torch.where(inside, etas, torch.zeros_like(etas))
+
     def prev_timestep(self, timestep: Tensor) -> Tensor:
         """t - Δ for each entry (negative at the final step; :meth:`t_prev` clamps it)."""
         return timestep - self.step_size
@@ -174,10 +220,12 @@ class DDIMSchedule:
         return _shaped(self.alphas_at(_as_timesteps(timestep))[1], like)
 
     def std_dev_t(self, timestep: Tensor | int, like: Tensor | None = None) -> Tensor:
-        """σ_t(η) = η √((1 - α_{t-1}) / (1 - α_t)) √(1 - α_t / α_{t-1}), the policy's standard deviation."""
+        """σ_t(η) = η √((1 - α_{t-1}) / (1 - α_t)) √(1 - α_t / α_{t-1}), the policy's standard deviation
+        (0 outside the SDE window)."""
         alpha_prod_t, alpha_prod_t_prev = self.alphas_at(_as_timesteps(timestep))
         variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-        return _shaped(self.eta * variance.sqrt(), like)
+        eta = self.eta if self.sde_window is None else self.etas(timestep).to(variance.device)
+        return _shaped(eta * variance.sqrt(), like)
 
     def model_time(self, timestep: Tensor) -> Tensor:
         """The UNet's time input for observation timesteps ``(B,)``: t itself (flow schedules map it to 1000 σ)."""
@@ -213,7 +261,8 @@ class DDIMStepOutput:
     Attributes:
         prev_sample: ``(B, C, H, W)`` the action x_{t-1} (sampled, or the one that was scored).
         log_prob: ``(B,)`` log π(x_{t-1} | x_t, c), reduced over latent dimensions (see ``reduction``);
-            None when η = 0 (a deterministic step has no density).
+            None when η = 0 (a deterministic step has no density); 0 for samples at steps outside the
+            schedule's SDE window.
         mean: ``(B, C, H, W)`` μ_θ.
         std: ``(B, 1, 1, 1)`` σ_t (broadcastable to the latent).
         pred_original_sample: ``(B, C, H, W)`` the predicted x_0.
@@ -317,8 +366,10 @@ def ddim_step_with_logprob(
     beta_prod_t = 1 - alpha_prod_t
 
     # 2. Variance σ_t² (DDIM eq. 16), computed in float64 from the schedule, then cast to the latent dtype.
+    #    With an SDE window, η is 0 at the steps outside it (deterministic DDIM there).
     variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
-    std_dev_t = schedule.eta * variance.sqrt()
+    eta = schedule.eta if schedule.sde_window is None else schedule.etas(timestep)
+    std_dev_t = eta * variance.sqrt()
 
     alpha_prod_t, alpha_prod_t_prev, beta_prod_t = (
         _expand(alpha_prod_t, sample),
@@ -362,5 +413,12 @@ def ddim_step_with_logprob(
         if scoring:
             raise ValueError("η = 0 makes the step deterministic: an action has no log-probability to score")
         return DDIMStepOutput(prev_sample, None, mean, std, pred_original_sample)
-    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+    if schedule.sde_window is None:
+        log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+        return DDIMStepOutput(prev_sample, log_prob, mean, std, pred_original_sample)
+    #    Outside the SDE window the step is deterministic: its log-prob is the marker 0, not a density.
+    stochastic = std_dev_t > 0
+    safe_std = torch.where(_expand(stochastic.to(torch.float64), sample) > 0, std, torch.ones_like(std))
+    log_prob = gaussian_log_prob(prev_sample, mean, safe_std, reduction)
+    log_prob = torch.where(stochastic.to(log_prob.device), log_prob, torch.zeros_like(log_prob))
     return DDIMStepOutput(prev_sample, log_prob, mean, std, pred_original_sample)

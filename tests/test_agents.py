@@ -30,6 +30,7 @@ from diffusion_mdp.agents import (
     train,
 )
 from diffusion_mdp.agents.update import run_update
+from diffusion_mdp.ddim import DDIMSchedule
 from diffusion_mdp.mdp import RewardError
 from diffusion_mdp.rewards import register_reward
 from diffusion_mdp.testing import build_reference_tiny_pipeline
@@ -221,6 +222,28 @@ def test_two_epoch_smoke_run(algorithm: str, micro: Path, prompt_file: Path, tmp
     for name in ("reward_curve.png", "summary.json", "metrics.jsonl", "images/before.png", "images/after.png"):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "last.pt").is_file() and not (run / "checkpoints" / "last.pt.tmp").exists()
+
+
+def test_sde_window_in_ddpo_is_branches_and_trains_on_the_window_only(
+    micro: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    """With an SDE window of the first 2 of 3 steps, step 3 is deterministic DDIM: its action is the η = 0
+    mean of its state (no density: log-prob marker 0), and the update trains on steps 1 and 2 only."""
+    cfg = tiny_config(micro, prompt_file, tmp_path, num_epochs=1, sde_window_size=2, sde_window_max_start=0)
+    agent = make_agent(cfg)
+    stats = agent.collect_rollouts(0)
+    assert stats["window_start"] == 0 and agent.trained_steps(0) == (0, 2)
+    buffer = agent.buffer
+    assert buffer.log_probs[:, :2].ne(0).all() and not buffer.log_probs[:, 2].any()
+    x, t = buffer.latents[:, 2], buffer.timesteps[:, 2]
+    with torch.no_grad():
+        output = agent.policy.predict(x, t, buffer.prompt_embeds)
+    expected = DDIMSchedule.from_scheduler(agent.components.scheduler, 3, eta=0.0).mean(output, t, x)
+    torch.testing.assert_close(buffer.latents[:, 3], expected, rtol=1e-5, atol=1e-5)
+    before = {n: p.detach().clone() for n, p in agent.unet.named_parameters() if p.requires_grad}
+    metrics = agent.train_on_rollouts(0)
+    assert metrics["first_ratio"] == pytest.approx(1.0, abs=1e-5) and np.isfinite(metrics["loss"])
+    assert any(not torch.equal(p, before[n]) for n, p in agent.unet.named_parameters() if p.requires_grad)
 
 
 def test_kl_anchor_in_full_fine_tuning_is_the_frozen_pre_trained_unet(

@@ -122,3 +122,33 @@ def test_bad_shapes_raise() -> None:
         ddim_step_with_logprob(schedule, torch.randn(2, 4, 4, 4), schedule.timesteps[:1], torch.randn(2, 4, 4, 4))
     with pytest.raises(ValueError, match="num_steps"):
         DDIMSchedule.from_scheduler(make_scheduler(), num_steps=0)
+
+
+def test_sde_window_is_deterministic_ddim_outside() -> None:
+    """Inside the window the step is the η schedule's (same mean, std, log-prob); outside it is η = 0's."""
+    scheduler = make_scheduler()
+    stochastic = DDIMSchedule.from_scheduler(scheduler, num_steps=8, eta=1.0)
+    deterministic = DDIMSchedule.from_scheduler(scheduler, num_steps=8, eta=0.0)
+    windowed = stochastic.with_sde_window(2, 3)  # η on steps 2, 3, 4
+    assert windowed.etas(windowed.timesteps).tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+    assert (windowed.std_dev_t(windowed.timesteps) > 0).tolist() == [False] * 2 + [True] * 3 + [False] * 3
+    sample, model_output, noise = torch.randn(3, 8, 4, 6, 6).unbind(0)
+    t = windowed.timesteps
+    out = ddim_step_with_logprob(windowed, model_output, t, sample, noise=noise)
+    inside, outside = [2, 3, 4], [0, 1, 5, 6, 7]
+    reference = ddim_step_with_logprob(deterministic, model_output, t, sample)
+    assert torch.equal(out.prev_sample[outside], reference.prev_sample[outside])
+    assert not out.log_prob[outside].any()  # the marker 0: no density outside
+    full = ddim_step_with_logprob(stochastic, model_output, t, sample, noise=noise)
+    torch.testing.assert_close(out.prev_sample[inside], full.prev_sample[inside], rtol=0, atol=0)
+    torch.testing.assert_close(out.log_prob[inside], full.log_prob[inside], rtol=0, atol=0)
+    scored = ddim_step_with_logprob(windowed, model_output, t, sample, prev_sample=out.prev_sample)
+    torch.testing.assert_close(scored.log_prob, out.log_prob)
+
+
+def test_sde_window_must_lie_within_the_steps() -> None:
+    schedule = DDIMSchedule.from_scheduler(make_scheduler(), num_steps=4)
+    with pytest.raises(ValueError, match="sde_window"):
+        schedule.with_sde_window(3, 2)
+    with pytest.raises(ValueError, match="not steps of this schedule"):
+        schedule.with_sde_window(0, 2).etas(torch.tensor([schedule.timesteps[0] + 1]))
