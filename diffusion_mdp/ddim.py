@@ -323,6 +323,27 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduction: LogProbRe
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
+def stochastic_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduction: LogProbReduction = "mean") -> Tensor:
+    """:func:`gaussian_log_prob` for samples whose std is > 0, the marker 0 for those at deterministic steps.
+
+    Args:
+        x: ``(B, ...)`` points to score.
+        mean: ``(B, ...)``.
+        std: ``(B, 1, ..., 1)``, ≥ 0 (0: a deterministic step, outside an SDE window).
+        reduction: ``"mean"`` or ``"sum"`` over the non-batch dimensions.
+
+    Returns:
+        ``(B,)``; 0 (no gradient) where std is 0.
+
+    >>> x = torch.zeros(2, 3)
+    >>> [round(v, 4) for v in stochastic_log_prob(x, x, torch.tensor([[1.0], [0.0]])).tolist()]  # -log √(2π), 0
+    [-0.9189, 0.0]
+    """
+    stochastic = std > 0
+    log_prob = gaussian_log_prob(x, mean, torch.where(stochastic, std, torch.ones_like(std)), reduction)
+    return torch.where(stochastic.reshape(-1), log_prob, torch.zeros_like(log_prob))
+
+
 def ddim_step_with_logprob(
     schedule: DDIMSchedule,
     model_output: Tensor,
@@ -413,12 +434,9 @@ def ddim_step_with_logprob(
         if scoring:
             raise ValueError("η = 0 makes the step deterministic: an action has no log-probability to score")
         return DDIMStepOutput(prev_sample, None, mean, std, pred_original_sample)
+    #    Outside an SDE window the step is deterministic: its log-prob is the marker 0, not a density.
     if schedule.sde_window is None:
         log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
-        return DDIMStepOutput(prev_sample, log_prob, mean, std, pred_original_sample)
-    #    Outside the SDE window the step is deterministic: its log-prob is the marker 0, not a density.
-    stochastic = std_dev_t > 0
-    safe_std = torch.where(_expand(stochastic.to(torch.float64), sample) > 0, std, torch.ones_like(std))
-    log_prob = gaussian_log_prob(prev_sample, mean, safe_std, reduction)
-    log_prob = torch.where(stochastic.to(log_prob.device), log_prob, torch.zeros_like(log_prob))
+    else:
+        log_prob = stochastic_log_prob(prev_sample, mean, std, reduction)
     return DDIMStepOutput(prev_sample, log_prob, mean, std, pred_original_sample)

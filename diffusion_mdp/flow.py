@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffusion_mdp.ddim import LogProbReduction, gaussian_log_prob
+from diffusion_mdp.ddim import LogProbReduction, stochastic_log_prob
 
 
 @dataclass
@@ -297,8 +297,5 @@ def flow_step_with_logprob(
     # 6. log π(x_{σ'} | x_σ, c) = log N(x_{σ'}; μ_θ, std²), the per-dimension densities reduced by their MEAN over
     #    latent dimensions by default (DDPO's and Flow-GRPO's convention; "sum" gives the true log-density).
     #    Gradients flow through the mean only (std is a constant of the schedule). Deterministic samples get 0.
-    stochastic = _expand((std_dev > 0).to(torch.float64), sample) > 0
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))
-    log_prob = gaussian_log_prob(prev_sample, mean, safe_std, reduction)
-    log_prob = torch.where(stochastic.reshape(-1), log_prob, torch.zeros_like(log_prob))
+    log_prob = stochastic_log_prob(prev_sample, mean, std, reduction)
     return FlowStepOutput(prev_sample, log_prob, mean, std, pred_original_sample)
