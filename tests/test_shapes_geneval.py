@@ -60,7 +60,9 @@ def test_two_coloured_object_is_not_clean():
 
 
 def test_rewards_registered_and_prompt_sets():
-    assert {"shapes_geneval", "shapes_geneval_soft", "shapes_geneval_miss"} <= set(available_rewards())
+    assert {"shapes_geneval", "shapes_geneval_soft", "shapes_geneval_graded", "shapes_geneval_miss"} <= set(
+        available_rewards()
+    )
     ps = load_prompts("shapes_four")
     assert len(ps) == 15 and all(m["count"] == 4 for m in ps.metadata)
     assert len(load_prompts("shapes_four_heldout")) == 3
@@ -73,5 +75,13 @@ def test_rewards_registered_and_prompt_sets():
     assert strict.tolist() == [1.0, 0.0, 1.0]
     assert miss.tolist() == [0.0, 1.0, 0.0]  # the sign-flipped control
     assert soft[0] == 1.0 and 0.0 <= soft[1] < 1.0 and set(info) >= {"count_match", "num_objects"}
+    graded, _ = make_reward("shapes_geneval_graded")(images, prompts, meta)
+    attributes = info["colour_match"] + info["shape_match"]
+    assert graded.tolist() == (strict + 0.25 * attributes).tolist() and graded[0] == 1.5
+    assert make_reward("shapes_geneval_graded", attribute_weight=0.0)(images, prompts, meta)[0].tolist() == [
+        1.0, 0.0, 1.0
+    ]
+    with pytest.raises(ValueError, match="attribute_weight must be >= 0"):
+        make_reward("shapes_geneval_graded", attribute_weight=-1.0)
     with pytest.raises(ValueError, match="2 images but 1"):
         judge_images(images[:2], meta[:1])

@@ -27,10 +27,13 @@ Registered rewards:
 - ``shapes_geneval``: 1 if the image is exactly the prompt (count, colour and shape), else 0.
 - ``shapes_geneval_soft``: the fraction of the three checks passed (count, colour of every object, shape
   of every object), a denser signal with the same maximum.
+- ``shapes_geneval_graded``: the strict verdict plus a quarter point each for colour and for shape held
+  (0 … 1.5): the strict reward's count signal at full size, and a pull to keep colour and shape right in the
+  samples whose count is wrong, where the strict reward says nothing about them.
 - ``shapes_geneval_miss``: ``1 − shapes_geneval``, the sign-flipped control: an algorithm that learns from
   the reward moves accuracy *down* on it, one that merely drifts moves it the same way on both.
 
-Both return ``info`` with ``count_match``, ``colour_match``, ``shape_match`` and ``num_objects``.
+Each returns ``info`` with ``count_match``, ``colour_match``, ``shape_match`` and ``num_objects``.
 
 >>> import numpy as np
 >>> from diffusion_mdp.shapes.dataset import ShapeSpec, render
@@ -255,6 +258,24 @@ def shapes_geneval_soft():
     return _verdict_reward(lambda verdict: np.stack([verdict[k] for k in checks]).astype(np.float64).mean(0))
 
 
+@register_reward("shapes_geneval_graded")
+def shapes_geneval_graded(attribute_weight: float = 0.25):
+    """Reward factory: the strict verdict plus ``attribute_weight`` for each of colour and shape held.
+
+    Args:
+        attribute_weight: What a right colour, and a right shape, each add to the strict 0 / 1 (0 gives
+            ``shapes_geneval``). Must be ≥ 0.
+    """
+    if attribute_weight < 0:
+        raise ValueError(f"attribute_weight must be >= 0, got {attribute_weight}")
+
+    def score(verdict: dict[str, np.ndarray]) -> np.ndarray:
+        attributes = verdict["colour_match"].astype(np.float64) + verdict["shape_match"].astype(np.float64)
+        return verdict["correct"].astype(np.float64) + attribute_weight * attributes
+
+    return _verdict_reward(score)
+
+
 @register_reward("shapes_geneval_miss")
 def shapes_geneval_miss():
     """Reward factory: 1 if the image is *not* exactly the prompt (the sign-flipped ``shapes_geneval``)."""
@@ -266,6 +287,7 @@ __all__ = [
     "detect_objects",
     "judge_images",
     "shapes_geneval",
+    "shapes_geneval_graded",
     "shapes_geneval_miss",
     "shapes_geneval_soft",
 ]
