@@ -98,17 +98,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (shapes_geneval_graded): with the strict 0 / 1 alone, the half of the samples whose count is wrong say nothing
     # about colour and shape, and runs drifted off colour; over seeds 0-6 the graded reward held colour at every seed
     # and gained +24.7 points against +20.4, its worst seed +18.9 against +10.2 (docs/agents.md, "Colour and shape in
-    # the reward"). What is measured is still the strict verdict. The paper's
-    # update split, twice over: 4 minibatches of 32 per pass and 2 passes per epoch, one AdamW step each, so 7 of the 8
-    # steps train on samples of an older policy and the importance ratio and the clip act (approx_kl and clipfrac > 0).
-    # Measured (docs/agents.md, "Tuning the counting task"): without a warm-up lr 3e-4 or 2e-4 wrecks the model in one
-    # or two epochs, clip 1e-2 learns less than 1e-3, one pass per epoch gains half as much in the same number of
-    # epochs, four passes go unstable. AdamW's first steps move every weight by about lr (approx_kl 0.14 in epoch 1 at
-    # lr 1e-4): the warm-up over the first 16 steps keeps epoch 1 at 2e-3 and lets lr 1.5e-4 train stably, which gained
-    # as much on the training pairs and about twice as much on the unseen ones (docs/agents.md, "Learning-rate
-    # warm-up"). Every timestep is trained: half of them (timestep_fraction 0.5) took 0.65× the wall time at lr 1e-4 but
-    # gained less on the training pairs in the 24-epoch job (+22.0 against +30.2 points on 480 images, same noise;
-    # README), and at lr 1.5e-4 it collapsed by epoch 6.
+    # the reward"). What is measured is still the strict verdict. The paper's update split, twice over: 4 minibatches of
+    # 32 per pass and 2 passes per epoch, one AdamW step each, so 7 of the 8 steps train on samples of an older policy
+    # and the importance ratio and the clip act (approx_kl and clipfrac > 0). Measured (docs/agents.md, "Tuning the
+    # counting task"): without a warm-up lr 3e-4 or 2e-4 wrecks the model in one or two epochs, clip 1e-2 learns less
+    # than 1e-3, one pass per epoch gains half as much in the same number of epochs, four passes go unstable. AdamW's
+    # first steps move every weight by about lr (approx_kl 0.14 in epoch 1 at lr 1e-4): the warm-up over the first 16
+    # steps keeps epoch 1 at 2e-3 and lets lr 1.5e-4 train stably, which gained as much on the training pairs and about
+    # twice as much on the unseen ones (docs/agents.md, "Learning-rate warm-up"). Every timestep is trained: half of
+    # them (timestep_fraction 0.5) took 0.65× the wall time at lr 1e-4 but gained less on the training pairs in the
+    # 24-epoch job (+22.0 against +30.2 points on 480 images, same noise; README), and at lr 1.5e-4 it collapsed by
+    # epoch 6.
     "tiny-shapes-counting": {
         "name": "tiny-shapes-counting",
         "model": "tiny-shapes",

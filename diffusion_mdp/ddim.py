@@ -434,9 +434,9 @@ def ddim_step_with_logprob(
         if scoring:
             raise ValueError("η = 0 makes the step deterministic: an action has no log-probability to score")
         return DDIMStepOutput(prev_sample, None, mean, std, pred_original_sample)
-    #    Outside an SDE window the step is deterministic: its log-prob is the marker 0, not a density.
     if schedule.sde_window is None:
         log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
     else:
+        #    Outside the SDE window the step is deterministic: its log-prob is the marker 0, not a density.
         log_prob = stochastic_log_prob(prev_sample, mean, std, reduction)
     return DDIMStepOutput(prev_sample, log_prob, mean, std, pred_original_sample)
