@@ -40,6 +40,7 @@ from diffusion_mdp.lora import LORA_TARGET_MODULES, add_lora, export_lora
 from diffusion_mdp.models import DiffusionComponents
 from diffusion_mdp.policy import DiffusionPolicy
 from diffusion_mdp.prompts import PromptSet, load_prompts
+from diffusion_mdp.rewards import make_reward
 from diffusion_mdp.rewards.executor import AsyncReward
 
 from .advantages import AdvantageNormalizer
@@ -137,12 +138,18 @@ class DiffusionAgent(EpochLoopMixin, RolloutMixin, EvaluationMixin, CheckpointMi
         self.run_dir = cfg.run_dir
         self.checkpoint_path = checkpoint_path(self.run_dir)
 
+        # The reward first: an argument its factory refuses (reward_kwargs) is a config error, raised before any
+        # sampling.
+        try:
+            reward = make_reward(cfg.reward, **self._reward_kwargs())
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"reward={cfg.reward!r} with reward_kwargs={cfg.reward_kwargs!r}: {exc}") from exc
         # The vector env in fast mode: torch observations on the device, episodes end together.
         env = gym.make_vec(
             "DenoisingMDP-v0",
             num_envs=cfg.sample_batch_size,
             model=cfg.model,
-            reward=cfg.reward,
+            reward=reward,
             prompts=cfg.prompts or None,
             num_steps=cfg.num_steps,
             eta=cfg.eta,
@@ -150,11 +157,11 @@ class DiffusionAgent(EpochLoopMixin, RolloutMixin, EvaluationMixin, CheckpointMi
             torch_obs=True,
             autoreset_mode="Disabled",
             components=components,
-            reward_kwargs=self._remote_reward_kwargs(),
             defer_reward=cfg.async_reward,
         )
         self.env = cast("DenoisingVectorEnv", env)  # make_vec builds the registered vector env itself (no wrappers)
         self.mdp = self.env.unwrapped.mdp
+        self.mdp.reward_name = cfg.reward  # built above, so the env saw a callable; errors name the config's reward
         # async_reward: the env defers the reward; batch b is scored in the background while b + 1 samples.
         self.reward_executor: AsyncReward | None = None
         # The η = 0 envs of evaluate(), per (batch size, steps).
@@ -230,11 +237,12 @@ class DiffusionAgent(EpochLoopMixin, RolloutMixin, EvaluationMixin, CheckpointMi
         self.base_schedule = self.policy.schedule
         self.window = (0, cfg.num_steps)
 
-    def _remote_reward_kwargs(self) -> dict[str, Any] | None:
-        """Timeout, retries and token of a reward server (``reward = "http://..."``); None for a local reward."""
+    def _reward_kwargs(self) -> dict[str, Any]:
+        """What the reward is built with: a named reward's ``reward_kwargs``, or a reward server's timeout,
+        retries and token (``reward = "http://..."``)."""
         cfg = self.config
         if not cfg.reward.startswith(("http://", "https://")):
-            return None
+            return cfg.reward_arguments
         return {"timeout": cfg.reward_timeout, "retries": cfg.reward_retries, "token": cfg.reward_token or None}
 
     def _optimizer_class(self) -> Callable[..., torch.optim.Optimizer]:

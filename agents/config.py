@@ -74,6 +74,9 @@ class TrainConfig:
     """Model: 'tiny-shapes' (bundled), a diffusers pipeline folder, or a hub id."""
     reward: str = "jpeg_compressibility"
     """Registered reward name (see diffusion_mdp.rewards.available_rewards()) or a reward server URL http://host:port."""
+    reward_kwargs: str = ""
+    """Keyword arguments for the named reward's factory, as a JSON object: '{"attribute_weight": 0.5}' (in a
+    TOML or JSON config file, a table works too). '' passes none."""
     reward_timeout: float = 60.0
     """Reward server (URL rewards only): seconds to wait for one answer before the attempt counts as failed."""
     reward_retries: int = 2
@@ -407,6 +410,15 @@ class TrainConfig:
             except ValueError:
                 ok = False
             need(ok, f"reward={self.reward!r} is not a valid server URL: use http://host:port")
+            need(
+                not self.reward_kwargs.strip(),
+                "reward_kwargs are for a named reward's factory; a reward server takes its reward's arguments when "
+                "it starts (python -m diffusion_mdp.rewards.server --help): leave reward_kwargs empty",
+            )
+        try:
+            parse_json_object(self.reward_kwargs, "reward_kwargs")
+        except ConfigError as exc:
+            problems.append(str(exc))
         self._validate_names(problems)
         if problems:
             raise ConfigError("invalid config: " + "\n  ".join(problems))
@@ -442,6 +454,10 @@ class TrainConfig:
         rewards = available_rewards()
         if self.reward not in rewards and not self.reward.startswith(("http://", "https://")):
             problems.append(f"reward={self.reward!r} is not registered; available: {', '.join(rewards)}")
+        elif self.reward in rewards:
+            problem = reward_kwargs_error(self.reward, self.reward_kwargs)
+            if problem:
+                problems.append(problem)
         for key in ("prompts", "eval_prompts"):
             value = getattr(self, key)
             if value:
@@ -467,6 +483,11 @@ class TrainConfig:
                 )
 
     # ---------------------------------------------------------------------------------------------
+    @property
+    def reward_arguments(self) -> dict[str, Any]:
+        """``reward_kwargs`` parsed: the keyword arguments the reward's factory is called with."""
+        return parse_json_object(self.reward_kwargs, "reward_kwargs")
+
     @property
     def run_dir(self) -> Path:
         """``<output_dir>/<name>``."""
@@ -502,10 +523,38 @@ class TrainConfig:
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+_JSON_OBJECT_FIELDS = {"reward_kwargs"}  # str fields holding a JSON object; a mapping is accepted for them
+
+
+def parse_json_object(text: str, key: str) -> dict[str, Any]:
+    """The JSON object in a field such as ``reward_kwargs`` ('' is ``{}``).
+
+    >>> parse_json_object('{"attribute_weight": 0.5}', "reward_kwargs")
+    {'attribute_weight': 0.5}
+    >>> parse_json_object("attribute_weight=0.5", "reward_kwargs")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    diffusion_mdp.agents.errors.ConfigError: reward_kwargs is not JSON (...): write an object, e.g. '{"name": 0.5}'
+    """
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{key} is not JSON ({exc}): write an object, e.g. '{{\"name\": 0.5}}'") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a JSON object {{name: value}}, got {type(value).__name__}: {text!r}")
+    return value
 
 
 def _coerce(value: Any, type_name: Any, key: str) -> Any:
     """Convert a value from a file or a flag to the field's type, strictly."""
+    if key in _JSON_OBJECT_FIELDS and isinstance(value, Mapping):
+        # A table in a config file, or a dict from Python: kept as its JSON text, like the flag's.
+        try:
+            return json.dumps(dict(value), sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{key}: {exc}; use numbers, strings, booleans and lists") from exc
     kind = _TYPES[type_name if isinstance(type_name, str) else type_name.__name__]
     if kind is bool:
         if isinstance(value, bool):
@@ -541,6 +590,36 @@ def field_docs() -> dict[str, str]:
         ):
             docs[node.target.id] = str(following.value.value)
     return docs
+
+
+def reward_kwargs_error(reward: str, reward_kwargs: str) -> str | None:
+    """Why the registered reward ``reward``'s factory cannot take ``reward_kwargs`` (None if it can).
+
+    Only the factory's signature is checked: nothing is built, so no reward model is loaded.
+    """
+    from diffusion_mdp.rewards import reward_factory
+
+    try:
+        arguments = parse_json_object(reward_kwargs, "reward_kwargs")
+    except ConfigError:
+        return None  # validate() reports the JSON itself
+    if not arguments:
+        return None
+    factory = reward_factory(reward)
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None  # a builtin or C factory: its own error will name the argument
+    try:
+        signature.bind(**arguments)
+    except TypeError as exc:
+        keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        takes = [name for name, p in signature.parameters.items() if p.kind in keyword]
+        return (
+            f"reward_kwargs={reward_kwargs!r} do not fit the factory of reward {reward!r} ({exc}); it takes: "
+            f"{', '.join(takes) or 'no arguments'}"
+        )
+    return None
 
 
 def run_name_error(name: str) -> str | None:

@@ -163,6 +163,6 @@ class RolloutMixin:
             prompts.extend(failed_prompts)
         path = self.run_dir / "failed_rewards" / f"epoch{epoch + 1}.pt"
         payload = {"latents": torch.cat(latents), "prompts": prompts, "epoch": epoch + 1, "batch": failed_batch}
-        payload["reward"] = cfg.reward
+        payload["reward"], payload["reward_kwargs"] = cfg.reward, cfg.reward_arguments
         atomic_torch_save(payload, path)
         return path

@@ -526,6 +526,57 @@ def test_bad_configs_fail_before_any_work(micro: Path, prompt_file: Path, tmp_pa
 
 
 @pytest.fixture
+def scaled_brightness_reward(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A reward with a factory argument, registered for this test only: ``scale`` × mean brightness."""
+
+    def factory(scale: float = 1.0):
+        def reward(images, prompts, metadata):
+            return scale * images.reshape(len(images), -1).mean(axis=1).astype(np.float64) / 255.0, {}
+
+        return reward
+
+    name = "_test_scaled_brightness"
+    rewards_module.available_rewards()  # the built-in rewards first, so that the copy holds them
+    monkeypatch.setattr(rewards_module, "_REGISTRY", dict(rewards_module._REGISTRY))
+    register_reward(name)(factory)
+    return name
+
+
+def test_reward_kwargs_reach_the_factory(
+    scaled_brightness_reward: str, micro: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    images = np.full((2, 4, 4, 3), 51, dtype=np.uint8)  # brightness 0.2
+    for given, scale in (('{"scale": -3.0}', -3.0), ({"scale": 2.0}, 2.0), ("", 1.0)):  # flag text, file table, none
+        cfg = tiny_config(micro, prompt_file, tmp_path, reward=scaled_brightness_reward, reward_kwargs=given)
+        agent = make_agent(cfg.validate())
+        rewards, _ = agent.mdp.reward_fn(images, ["a", "b"], [{}, {}])
+        np.testing.assert_allclose(rewards, [0.2 * scale] * 2)
+
+
+def test_bad_reward_kwargs_fail_before_any_work(
+    scaled_brightness_reward: str, micro: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    def config(reward_kwargs: object, reward: str = scaled_brightness_reward) -> TrainConfig:
+        return tiny_config(micro, prompt_file, tmp_path, reward=reward, reward_kwargs=reward_kwargs)
+
+    with pytest.raises(ConfigError, match=r"do not fit the factory .* it takes: scale"):
+        config('{"sclae": 2}').validate()
+    with pytest.raises(ConfigError, match="reward_kwargs is not JSON"):
+        config("scale=2").validate()
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        config("[2]").validate()
+    with pytest.raises(ConfigError, match="reward server takes"):
+        config('{"scale": 2}', reward="http://localhost:8000").validate()
+    with pytest.raises(ConfigError, match="reward_kwargs must be a str"):
+        config(2.0)
+    with pytest.raises(ConfigError, match="it takes: attribute_weight"):
+        config('{"weight": 0.5}', reward="shapes_geneval_graded").validate()
+    with pytest.raises(ConfigError, match="attribute_weight must be >= 0"):  # refused by the factory itself
+        make_agent(config('{"attribute_weight": -1}', reward="shapes_geneval_graded").validate())
+    assert not (tmp_path / "t").exists(), "a bad config must fail before creating the run folder"
+
+
+@pytest.fixture
 def nan_on_third_batch_reward(monkeypatch: pytest.MonkeyPatch) -> str:
     """A reward registered for this test only (the registry is restored afterwards): NaN from the 3rd call."""
     calls = {"n": 0}

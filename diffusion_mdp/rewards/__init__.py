@@ -71,6 +71,19 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def reward_factory(name: str) -> Callable[..., RewardFn]:
+    """The factory registered as ``name`` (to inspect its arguments without building the reward).
+
+    >>> import inspect
+    >>> list(inspect.signature(reward_factory("shapes_geneval_graded")).parameters)
+    ['attribute_weight']
+    """
+    _import_builtin_rewards()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; available rewards: {', '.join(available_rewards())}")
+    return _REGISTRY[name]
+
+
 def make_reward(spec: str | RewardFn | Mapping[str, float], **kwargs: Any) -> RewardFn:
     """Build a reward from a name, a callable, or a ``{name: weight}`` dict.
 
@@ -148,4 +161,12 @@ def _import_builtin_rewards() -> None:
         importlib.import_module("diffusion_mdp.rewards.shapes_geneval")
 
 
-__all__ = ["RewardError", "RewardFn", "WeightedSum", "available_rewards", "make_reward", "register_reward"]
+__all__ = [
+    "RewardError",
+    "RewardFn",
+    "WeightedSum",
+    "available_rewards",
+    "make_reward",
+    "register_reward",
+    "reward_factory",
+]
