@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config_files import CONFIG_FILE_FORMATS, load_config_file  # noqa: F401  (re-exported)
+from .config_files import CONFIG_FILE_FORMATS, JSON_OBJECT_FIELDS, load_config_file  # noqa: F401  (re-exported)
 from .errors import ConfigError
 from .presets import PRESETS  # the presets live in their own module
 
@@ -523,7 +523,6 @@ class TrainConfig:
 
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
-_JSON_OBJECT_FIELDS = {"reward_kwargs"}  # str fields holding a JSON object; a mapping is accepted for them
 
 
 def parse_json_object(text: str, key: str) -> dict[str, Any]:
@@ -549,7 +548,7 @@ def parse_json_object(text: str, key: str) -> dict[str, Any]:
 
 def _coerce(value: Any, type_name: Any, key: str) -> Any:
     """Convert a value from a file or a flag to the field's type, strictly."""
-    if key in _JSON_OBJECT_FIELDS and isinstance(value, Mapping):
+    if key in JSON_OBJECT_FIELDS and isinstance(value, Mapping):
         # A table in a config file, or a dict from Python: kept as its JSON text, like the flag's.
         try:
             return json.dumps(dict(value), sort_keys=True)

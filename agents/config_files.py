@@ -27,6 +27,10 @@ def _json_object_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+JSON_OBJECT_FIELDS = frozenset({"reward_kwargs"})
+"""Config fields that hold an object (a JSON object on the command line, a table in a file)."""
+
+
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a flat config file, parsed as its extension says (``.toml``, ``.json``, ``.yaml``/``.yml``).
 
@@ -82,10 +86,10 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "ignored: move them into [train], or drop the [train] header and keep every key at the top level"
             )
         data = data["train"]
-    tables = sorted(k for k, v in data.items() if isinstance(v, dict))
+    tables = sorted(k for k, v in data.items() if isinstance(v, dict) and k not in JSON_OBJECT_FIELDS)
     if tables:
         raise ConfigError(
             f"config file {path}: {', '.join(tables)} is a table; config files are flat (key = value), with at most "
-            "one [train] table"
+            f"one [train] table (and tables only for {', '.join(sorted(JSON_OBJECT_FIELDS))})"
         )
     return dict(data)

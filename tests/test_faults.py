@@ -204,6 +204,14 @@ def test_bad_config_file_names_the_problem(tmp_path: Path, filename: str, text: 
     assert message in str(err.value) and str(path) in str(err.value)
 
 
+def test_reward_kwargs_table_in_a_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nreward = "shapes_geneval_graded"\nreward_kwargs = {attribute_weight = 0.5}\n')
+    config = TrainConfig.from_dict(load_config_file(path))
+    assert config.reward_arguments == {"attribute_weight": 0.5}
+    assert json.loads(config.reward_kwargs) == {"attribute_weight": 0.5}  # kept as the flag's JSON text
+
+
 def test_non_utf8_config_file(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
     path.write_bytes(b"name = '\xff\xfe'\n")
